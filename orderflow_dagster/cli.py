@@ -1,0 +1,38 @@
+"""The `orderflow` command line.
+
+Each command lives beside the code it drives and registers itself here, so this file only wires
+them up: `stack` (local services), `produce` (demo and benchmark streams), `catch-up` (plan, land
+and model until the lag is zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module -> it defines `register(subparsers)`; each registered parser sets `func(args) -> int`.
+COMMAND_MODULES = (
+    "orderflow_dagster.stack.manager",
+    "orderflow_dagster.ingest.produce_cli",
+    "orderflow_dagster.serve.catch_up",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orderflow", description="Kafka order events to an exactly-once order_status table."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The landing asset: one dynamic partition per Kafka offset range."""
+
+
+from dagster import (
+    AssetExecutionContext,
+    Backoff,
+    DynamicPartitionsDefinition,
+    Failure,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+)
+
+from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
+from orderflow_dagster.ingest.errors import OffsetsLostError
+from orderflow_dagster.land.landing import LandingResult, land_range
+from orderflow_dagster.land.ranges import OffsetRange
+
+offset_ranges = DynamicPartitionsDefinition(name="kafka_offset_ranges")
+
+# Broker or database unavailable: retry in-process with exponential backoff and jitter. Runs
+# killed outright are retried by Dagster's run retries (see dagster.yaml).
+TRANSIENT_RETRY = RetryPolicy(max_retries=5, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.FULL)
+
+
+def landing_metadata(result: LandingResult) -> dict[str, object]:
+    rng = result.range
+    return {
+        "range": MetadataValue.text(str(rng)),
+        "kafka_partition": rng.partition,
+        "start_offset": rng.start,
+        "end_offset": rng.end,
+        "messages_read": result.messages_read,
+        "rows_landed": result.rows_landed,
+        "dead_letters": result.dead_letters,
+        "already_landed": result.already_landed,
+        "duration_s": round(result.duration_s, 3),
+        "events_per_s": round(result.events_per_second, 1),
+        "committed_offset": -1 if result.committed_offset is None else result.committed_offset,
+        "lag_left": -1 if result.lag_after is None else result.lag_after,
+    }
+
+
+@asset(
+    partitions_def=offset_ranges,
+    group_name="ingest",
+    retry_policy=TRANSIENT_RETRY,
+    kinds={"kafka", "postgres"},
+    description="Kafka records of one offset range, landed exactly once into raw.order_events "
+    "(poison into raw.dead_letters) in one transaction with its raw.ingest_ledger row.",
+)
+def raw_order_events(
+    context: AssetExecutionContext,
+    kafka: KafkaResource,
+    postgres: PostgresResource,
+    landing: LandingSettings,
+) -> MaterializeResult:
+    rng = OffsetRange.from_key(context.partition_key)
+    with postgres.connect() as conn, kafka.consumer() as consumer:
+        try:
+            result = land_range(
+                rng,
+                conn=conn,
+                consumer=consumer,
+                run_id=context.run_id,
+                max_message_bytes=landing.max_message_bytes,
+            )
+        except OffsetsLostError as exc:
+            # Retention deleted offsets before they were landed: retrying cannot bring them back.
+            raise Failure(
+                description=f"offsets of {rng} are no longer in Kafka: {exc}. Those records are "
+                "lost upstream; see docs/operations.md before re-planning past them.",
+                allow_retries=False,
+            ) from exc
+    context.log.info(
+        f"landed {rng}: {result.rows_landed} rows, {result.dead_letters} dead letters, "
+        f"{result.already_landed} already landed, {result.events_per_second:.0f} events/s"
+    )
+    return MaterializeResult(metadata=landing_metadata(result))

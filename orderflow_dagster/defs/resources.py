@@ -1,0 +1,86 @@
+"""Typed resources, wired once from the environment in `resources_from_env`."""
+
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from confluent_kafka import Consumer
+from dagster import ConfigurableResource, EnvVar
+
+from orderflow_dagster import settings
+from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land.landing import DEFAULT_MAX_MESSAGE_BYTES
+
+_schema_ready: set[str] = set()
+
+
+class KafkaResource(ConfigurableResource):
+    """The source cluster. SASL/SSL settings pass through from ORDERFLOW_KAFKA_CONFIG_* at run
+    time, so secrets never enter Dagster config or the UI."""
+
+    bootstrap_servers: str
+    topic: str = settings.DEFAULT_TOPIC
+    consumer_group: str = settings.DEFAULT_CONSUMER_GROUP
+
+    @contextmanager
+    def consumer(self) -> Iterator[Consumer]:
+        consumer = kafka_source.open_consumer(self.bootstrap_servers, self.consumer_group)
+        try:
+            yield consumer
+        finally:
+            consumer.close()
+
+
+class PostgresResource(ConfigurableResource):
+    """The warehouse. The DSN comes from ORDERFLOW_POSTGRES_DSN and is never logged."""
+
+    dsn: str
+
+    @contextmanager
+    def connect(self) -> Iterator[psycopg.Connection]:
+        conn = psycopg.connect(self.dsn, autocommit=True, application_name="orderflow")
+        try:
+            if self.dsn not in _schema_ready:
+                store.ensure_schema(conn)
+                _schema_ready.add(self.dsn)
+            yield conn
+        finally:
+            conn.close()
+
+
+class LandingSettings(ConfigurableResource):
+    """How ranges are cut and landed."""
+
+    max_events_per_batch: int = 10_000
+    max_inflight: int = 2
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # a failed range is re-requested only after this long, so Dagster's own run retries go first
+    retry_grace_seconds: int = 30
+
+
+def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
+    """The resources, with the secrets as `EnvVar`s that Dagster resolves at run time, or, for
+    code that uses them outside a Dagster run (`resolved=True`), read from the environment now."""
+
+    def secret(name: str) -> str:
+        return settings.require(name) if resolved else EnvVar(name)
+
+    return {
+        "kafka": KafkaResource(
+            bootstrap_servers=secret("ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"),
+            topic=settings.topic(),
+            consumer_group=settings.consumer_group(),
+        ),
+        "postgres": PostgresResource(dsn=secret("ORDERFLOW_POSTGRES_DSN")),
+        "landing": LandingSettings(
+            max_events_per_batch=settings.env_int("ORDERFLOW_MAX_EVENTS_PER_BATCH", 10_000),
+            max_inflight=settings.env_int("ORDERFLOW_MAX_INFLIGHT", 2),
+            max_message_bytes=settings.env_int(
+                "ORDERFLOW_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
+            ),
+            retry_grace_seconds=settings.env_int("ORDERFLOW_RETRY_GRACE_SECONDS", 30),
+        ),
+    }
+
+

@@ -1,0 +1,81 @@
+"""The planning sensor: Kafka offsets -> dynamic partitions -> runs."""
+
+
+import time
+
+from dagster import (
+    DagsterInstance,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
+from orderflow_dagster.defs.launch import RunInfo, launches
+from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
+from orderflow_dagster.land.landing import repair_kafka_commit
+from orderflow_dagster.land.planner import plan_ranges
+
+PARTITION_TAG = "dagster/partition"
+
+
+def runs_by_partition(instance: DagsterInstance, keys: list[str]) -> dict[str, list[RunInfo]]:
+    if not keys:
+        return {}
+    out: dict[str, list[RunInfo]] = {}
+    for record in instance.get_run_records(filters=RunsFilter(tags={PARTITION_TAG: keys})):
+        run = record.dagster_run
+        out.setdefault(run.tags.get(PARTITION_TAG, ""), []).append(
+            RunInfo(run.status.value, record.end_time)
+        )
+    return out
+
+
+@sensor(
+    asset_selection=[raw_order_events],
+    minimum_interval_seconds=5,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Plans Kafka offset ranges from the ledger and adds each as a partition of "
+    "raw_order_events; repairs the consumer group's committed offsets from the ledger.",
+)
+def kafka_offset_ranges_sensor(
+    context: SensorEvaluationContext,
+    kafka: KafkaResource,
+    postgres: PostgresResource,
+    landing: LandingSettings,
+) -> SensorResult | SkipReason:
+    with postgres.connect() as conn, kafka.consumer() as consumer:
+        plan = plan_ranges(
+            conn,
+            consumer,
+            kafka.topic,
+            max_events_per_batch=landing.max_events_per_batch,
+            max_inflight=landing.max_inflight,
+        )
+        # a process that died between the Postgres and the Kafka commit left Kafka behind
+        for partition in plan.states:
+            repair_kafka_commit(conn, consumer, kafka.topic, partition)
+
+    keys = [r.key for r in plan.unlanded]
+    known = set(context.instance.get_dynamic_partitions(offset_ranges.name))
+    to_add = [k for k in keys if k not in known]
+    todo = launches(
+        keys,
+        runs_by_partition(context.instance, keys),
+        now=time.time(),
+        retry_grace_seconds=landing.retry_grace_seconds,
+    )
+    if not todo and not to_add:
+        return SkipReason(plan.skip_reason(landing.max_inflight))
+    context.log.info(
+        f"{len(plan.new)} new range(s), {len(todo)} run(s) to launch, lag={plan.lag} on "
+        f"{kafka.topic}"
+    )
+    return SensorResult(
+        run_requests=[RunRequest(run_key=t.run_key, partition_key=t.partition_key) for t in todo],
+        dynamic_partitions_requests=[offset_ranges.build_add_request(to_add)] if to_add else [],
+    )

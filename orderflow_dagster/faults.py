@@ -1,0 +1,30 @@
+"""Named crash points for fault-injection tests.
+
+`ORDERFLOW_CRASH_AT=after_db_commit_before_kafka_commit` makes the process SIGKILL itself the first
+time it reaches that point, the harshest way a process can die (no finally blocks, no atexit).
+Off by default and free when off: the environment is read once, at import.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+CRASH_POINTS = (
+    "before_copy",
+    "mid_copy",
+    "after_copy_before_commit",
+    "after_db_commit_before_kafka_commit",
+    "after_kafka_commit",
+    "in_dbt",
+)
+
+_ACTIVE = frozenset(filter(None, os.environ.get("ORDERFLOW_CRASH_AT", "").split(",")))
+_unknown = _ACTIVE - set(CRASH_POINTS)
+if _unknown:
+    raise RuntimeError(f"ORDERFLOW_CRASH_AT names unknown crash points: {sorted(_unknown)}")
+
+
+def crash_point(name: str) -> None:
+    if _ACTIVE and name in _ACTIVE:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,140 @@
+"""The Kafka side of landing: offsets, watermarks, reading exactly one range, committing.
+
+Reading uses `assign` + an explicit start offset, never a subscription: a range is a fixed slice
+of the log, and group rebalances must not move it. The consumer group is only used to publish the
+committed offsets (after Postgres commits) so standard lag tooling sees our progress.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from orderflow_dagster.ingest.errors import KafkaUnavailableError, OffsetsLostError
+from orderflow_dagster.ingest.kafka_config import consumer_config
+
+_LOST = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
+
+
+def open_consumer(bootstrap_servers: str, group_id: str, extra: dict | None = None) -> Consumer:
+    return Consumer(consumer_config(bootstrap_servers, group_id, extra))
+
+
+def _unavailable(what: str, exc: KafkaException) -> KafkaUnavailableError:
+    return KafkaUnavailableError(exc.args[0] if exc.args else KafkaError(KafkaError._FAIL, what))
+
+
+def partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+    except KafkaException as exc:
+        raise _unavailable(f"cannot list topic {topic}", exc) from exc
+    meta = metadata.topics.get(topic)
+    if meta is None or meta.error is not None:
+        raise KafkaUnavailableError(
+            meta.error if meta is not None else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+        )
+    return sorted(meta.partitions)
+
+
+def watermarks(
+    consumer: Consumer, topic: str, parts: list[int], timeout: float = 10.0
+) -> dict[int, tuple[int, int]]:
+    """(low, high) per partition. With isolation.level=read_committed, high is the last stable
+    offset, so a range never waits on an open transaction."""
+    out = {}
+    for p in parts:
+        try:
+            marks = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        except KafkaException as exc:
+            raise _unavailable(f"watermarks of {topic}[{p}]", exc) from exc
+        if marks is None:
+            raise KafkaUnavailableError(KafkaError(KafkaError._TIMED_OUT, f"{topic}[{p}]"))
+        out[p] = (int(marks[0]), int(marks[1]))
+    return out
+
+
+def committed(
+    consumer: Consumer, topic: str, parts: list[int], timeout: float = 10.0
+) -> dict[int, int | None]:
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=timeout)
+    except KafkaException as exc:
+        raise _unavailable(f"committed offsets of {topic}", exc) from exc
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in tps}
+
+
+def commit(consumer: Consumer, topic: str, offsets: dict[int, int]) -> None:
+    if not offsets:
+        return
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+        )
+    except KafkaException as exc:
+        raise _unavailable(f"commit offsets of {topic}", exc) from exc
+
+
+def read_span(
+    consumer: Consumer,
+    topic: str,
+    partition: int,
+    start: int,
+    end: int,
+    *,
+    batch_size: int = 2000,
+    idle_timeout: float = 60.0,
+) -> Iterator[list[Message]]:
+    """Yield the records of [start, end) in batches, in offset order.
+
+    Offsets missing inside the span (transaction markers, compacted records) are tolerated: the
+    span is done when a record at or past `end - 1` arrives or the log end is reached at or past
+    `end`. An offset no longer in the log (retention) raises OffsetsLostError instead of silently
+    skipping, because auto.offset.reset is 'error'.
+    """
+    consumer.assign([TopicPartition(topic, partition, start)])
+    last_progress = time.monotonic()
+    try:
+        while True:
+            messages = consumer.consume(num_messages=batch_size, timeout=0.5)
+            out: list[Message] = []
+            done = False
+            for msg in messages:
+                err = msg.error()
+                if err is None:
+                    offset = msg.offset()
+                    if offset >= end:
+                        done = True
+                        break
+                    if offset >= start:
+                        out.append(msg)
+                    if offset >= end - 1:
+                        done = True
+                        break
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    if msg.offset() >= end:
+                        done = True
+                        break
+                elif err.code() in _LOST:
+                    raise OffsetsLostError(err)
+                elif err.fatal():
+                    raise KafkaUnavailableError(err)
+                # other errors are transient and retried inside librdkafka; the idle timeout
+                # below turns a lasting outage into a failure
+            if out:
+                last_progress = time.monotonic()
+                yield out
+            if done:
+                return
+            if time.monotonic() - last_progress > idle_timeout:
+                raise KafkaUnavailableError(
+                    KafkaError(
+                        KafkaError._TIMED_OUT,
+                        f"no records from {topic}[{partition}] towards offset {end} "
+                        f"for {idle_timeout:.0f}s",
+                    )
+                )
+    finally:
+        consumer.unassign()

@@ -1,0 +1,228 @@
+"""Landing one offset range into Postgres: exactly once, in one transaction with its ledger row.
+
+The order of operations is the exactly-once argument:
+1. lock the Kafka partition in Postgres (advisory lock), so two runs never land it at once;
+2. read the ledger under that lock and skip every offset already landed (re-landing adds nothing);
+3. stream the remaining records from Kafka and COPY them in chunks (memory stays bounded), poison
+   to raw.dead_letters with its reason, never failing the batch;
+4. insert the ledger row and commit: rows, dead letters and ledger become visible together;
+5. only then commit to Kafka the end of the contiguous landed prefix (never past a gap).
+A crash anywhere before 4 leaves nothing; a crash between 4 and 5 leaves Kafka behind, which the
+next run or sensor tick repairs from the ledger (`repair_kafka_commit`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import orjson
+import psycopg
+from confluent_kafka import Consumer, Message
+
+from orderflow_dagster.faults import crash_point
+from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land.parse import (
+    NULL,
+    Event,
+    copy_bytea,
+    copy_json,
+    copy_text,
+    parse_event,
+)
+from orderflow_dagster.land.ranges import OffsetRange, contiguous_end, uncovered
+
+EVENT_COLUMNS = (
+    "topic, kafka_partition, kafka_offset, event_id, aggregate_id, event_type, schema_version,"
+    " event_ts_ms, payload, key, headers, trace_id, kafka_ts_ms, run_id"
+)
+DEAD_LETTER_COLUMNS = (
+    "topic, kafka_partition, kafka_offset, key, value, headers, reason, detail, kafka_ts_ms, run_id"
+)
+COPY_EVENTS = f"copy raw.order_events ({EVENT_COLUMNS}) from stdin"
+COPY_DEAD_LETTERS = f"copy raw.dead_letters ({DEAD_LETTER_COLUMNS}) from stdin"
+
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+DEFAULT_CHUNK_ROWS = 5_000
+
+
+@dataclass(frozen=True)
+class LandingResult:
+    range: OffsetRange
+    messages_read: int
+    rows_landed: int
+    dead_letters: int
+    already_landed: int
+    duration_s: float
+    committed_offset: int | None  # what Kafka's consumer group holds for the partition afterwards
+    high_watermark: int | None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.messages_read / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def lag_after(self) -> int | None:
+        if self.high_watermark is None or self.committed_offset is None:
+            return None
+        return max(0, self.high_watermark - self.committed_offset)
+
+
+def _decode_lossless(raw: bytes) -> str:
+    # invalid UTF-8 becomes \xNN escapes and NUL (which text columns refuse) becomes \x00
+    text = raw.decode("utf-8", "backslashreplace")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _headers_json(headers: list[tuple[str, bytes | None]]) -> str:
+    return orjson.dumps(
+        {k: (None if v is None else _decode_lossless(v)) for k, v in headers}
+    ).decode()
+
+
+def _trace_id(event: Event, headers: list[tuple[str, bytes | None]] | None) -> str | None:
+    """The envelope's trace_id, else the trace-id field of a W3C traceparent header."""
+    if event.trace_id is not None:
+        return event.trace_id
+    for name, value in headers or ():
+        if name == "traceparent" and value:
+            parts = value.decode("ascii", "replace").split("-")
+            if len(parts) >= 4 and len(parts[1]) == 32:
+                return parts[1]
+    return None
+
+
+class _Batch:
+    """COPY lines of one chunk, for raw.order_events and raw.dead_letters."""
+
+    def __init__(self, rng: OffsetRange, run_id: str, max_message_bytes: int) -> None:
+        self.prefix = f"{copy_text(rng.topic)}\t{rng.partition}\t"
+        self.suffix = f"\t{copy_text(run_id)}\n"
+        self.max_message_bytes = max_message_bytes
+        self.events: list[str] = []
+        self.dead: list[str] = []
+
+    def add(self, msg: Message) -> None:
+        event = parse_event(msg.value(), max_bytes=self.max_message_bytes)
+        key = msg.key()
+        headers = msg.headers()
+        ts_type, ts = msg.timestamp()
+        kafka_ts = str(ts) if ts_type and ts >= 0 else NULL
+        headers_text = copy_json(_headers_json(headers)) if headers else NULL
+        if type(event) is Event:
+            trace = _trace_id(event, headers)
+            self.events.append(
+                f"{self.prefix}{msg.offset()}\t{event.event_id}\t{copy_text(event.aggregate_id)}"
+                f"\t{event.event_type}\t{event.schema_version}\t{event.timestamp_ms}"
+                f"\t{copy_json(event.payload_json)}"
+                f"\t{NULL if key is None else copy_text(_decode_lossless(key))}"
+                f"\t{headers_text}\t{copy_text(trace)}\t{kafka_ts}{self.suffix}"
+            )
+        else:
+            self.dead.append(
+                f"{self.prefix}{msg.offset()}\t{copy_bytea(key)}\t{copy_bytea(msg.value())}"
+                f"\t{headers_text}\t{event.reason}\t{copy_text(_decode_lossless(event.detail.encode()))}"
+                f"\t{kafka_ts}{self.suffix}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.dead)
+
+    def flush(self, cur: psycopg.Cursor) -> tuple[int, int]:
+        counts = (len(self.events), len(self.dead))
+        if self.events:
+            with cur.copy(COPY_EVENTS) as copy:
+                copy.write("".join(self.events))
+            crash_point("mid_copy")
+        if self.dead:
+            with cur.copy(COPY_DEAD_LETTERS) as copy:
+                copy.write("".join(self.dead))
+        self.events.clear()
+        self.dead.clear()
+        return counts
+
+
+def land_range(
+    rng: OffsetRange,
+    *,
+    conn: psycopg.Connection,
+    consumer: Consumer,
+    run_id: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    idle_timeout: float = 60.0,
+) -> LandingResult:
+    """Land `rng` and then commit Kafka's offsets. Safe to call any number of times."""
+    started = time.monotonic()
+    messages = rows = dead = 0
+    with conn.transaction():
+        store.lock_partition_for_landing(conn, rng.topic, rng.partition)
+        spans = store.landed_spans(conn, rng.topic, rng.partition)
+        if (rng.start, rng.end) in spans:
+            already, gaps = rng.size, []
+        else:
+            gaps = uncovered(rng.start, rng.end, spans)
+            already = rng.size - sum(e - s for s, e in gaps)
+            crash_point("before_copy")
+            batch = _Batch(rng, run_id, max_message_bytes)
+            with conn.cursor() as cur:
+                for start, end in gaps:
+                    for msgs in kafka_source.read_span(
+                        consumer, rng.topic, rng.partition, start, end, idle_timeout=idle_timeout
+                    ):
+                        for msg in msgs:
+                            batch.add(msg)
+                        messages += len(msgs)
+                        if len(batch) >= chunk_rows:
+                            r, d = batch.flush(cur)
+                            rows, dead = rows + r, dead + d
+                r, d = batch.flush(cur)
+                rows, dead = rows + r, dead + d
+            store.record_landing(
+                conn,
+                store.LedgerEntry(
+                    rng, messages, rows, dead, already, run_id,
+                    int((time.monotonic() - started) * 1000),
+                ),
+            )
+            crash_point("after_copy_before_commit")
+    crash_point("after_db_commit_before_kafka_commit")
+    committed = repair_kafka_commit(conn, consumer, rng.topic, rng.partition)
+    crash_point("after_kafka_commit")
+    marks = consumer.get_watermark_offsets(
+        kafka_source.TopicPartition(rng.topic, rng.partition), cached=True
+    )
+    return LandingResult(
+        rng, messages, rows, dead, already, time.monotonic() - started, committed,
+        int(marks[1]) if marks and marks[1] >= 0 else None,
+    )
+
+
+def origin(conn: psycopg.Connection, topic: str, partition: int) -> int | None:
+    row = conn.execute(
+        "select min(s) from (select start_offset as s from raw.ingest_plan"
+        " where topic = %s and kafka_partition = %s union all select start_offset"
+        " from raw.ingest_ledger where topic = %s and kafka_partition = %s) starts",
+        (topic, partition, topic, partition),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def repair_kafka_commit(
+    conn: psycopg.Connection, consumer: Consumer, topic: str, partition: int
+) -> int | None:
+    """Move the group's committed offset up to the end of the landed prefix, never past a gap.
+
+    Runs under the partition's landing lock so concurrent runs commit in order and the offset
+    never moves backwards. Returns the committed offset afterwards.
+    """
+    with conn.transaction():
+        store.lock_partition_for_landing(conn, topic, partition)
+        target = contiguous_end(
+            origin(conn, topic, partition), store.landed_spans(conn, topic, partition)
+        )
+        current = kafka_source.committed(consumer, topic, [partition])[partition]
+        if target is not None and (current is None or target > current):
+            kafka_source.commit(consumer, topic, {partition: target})
+            return target
+        return current

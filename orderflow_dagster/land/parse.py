@@ -1,0 +1,194 @@
+"""Turning one Kafka record into a COPY line, or into a dead letter with a reason. Pure, hot path.
+
+Everything here runs once per message, so it avoids work it can skip: one orjson parse, type checks
+with `type(x) is ...`, one orjson dump of the payload, and escaping only when a field needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+
+
+class Reason:
+    """The fixed set of dead-letter reason codes (documented in docs/dead-letters.md)."""
+
+    INVALID_JSON = "invalid_json"  # not UTF-8 JSON at all (also: empty/tombstone values)
+    NOT_AN_OBJECT = "not_an_object"  # JSON, but not an object
+    MISSING_FIELD = "missing_field"  # an envelope field is absent
+    INVALID_FIELD = "invalid_field"  # an envelope field has the wrong type or range
+    INVALID_EVENT_ID = "invalid_event_id"  # event_id is not a UUID
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    PAYLOAD_SCHEMA_VIOLATION = "payload_schema_violation"
+    UNSTORABLE_VALUE = "unstorable_value"  # e.g. \u0000, which PostgreSQL text/jsonb cannot hold
+    OVERSIZE = "oversize"
+
+    ALL = (
+        INVALID_JSON,
+        NOT_AN_OBJECT,
+        MISSING_FIELD,
+        INVALID_FIELD,
+        INVALID_EVENT_ID,
+        UNKNOWN_EVENT_TYPE,
+        UNSUPPORTED_SCHEMA_VERSION,
+        PAYLOAD_SCHEMA_VIOLATION,
+        UNSTORABLE_VALUE,
+        OVERSIZE,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str
+    detail: str
+
+
+_NUMBER = (int, float)
+_STRING = (str,)
+_OPT_STRING = (str, type(None))
+_LIST = (list,)
+
+# Required payload fields and their JSON types, per (event_type, schema_version). Readers ignore
+# unknown fields, so extra keys are allowed; a version only ever adds fields.
+_ORDER_CREATED_V1 = {
+    "customer_id": _STRING,
+    "order_total": _NUMBER,
+    "currency": _STRING,
+    "items": _LIST,
+}
+PAYLOAD_FIELDS: dict[tuple[str, int], dict[str, tuple[type, ...]]] = {
+    ("OrderCreated", 1): _ORDER_CREATED_V1,
+    ("OrderCreated", 2): {**_ORDER_CREATED_V1, "channel": _STRING},
+    ("PaymentProcessed", 1): {
+        "payment_id": _STRING,
+        "amount": _NUMBER,
+        "currency": _STRING,
+        "method": _STRING,
+    },
+    ("ItemShipped", 1): {"shipment_id": _STRING, "carrier": _STRING, "tracking_number": _STRING},
+    ("OrderDelivered", 1): {"signed_by": _OPT_STRING},
+    ("OrderCancelled", 1): {"reason": _STRING},
+}
+SUPPORTED_VERSIONS: dict[str, frozenset[int]] = {}
+for _event_type, _version in PAYLOAD_FIELDS:
+    SUPPORTED_VERSIONS.setdefault(_event_type, frozenset())
+    SUPPORTED_VERSIONS[_event_type] |= {_version}
+
+ENVELOPE_FIELDS = ("event_id", "aggregate_id", "event_type", "payload", "timestamp", "schema_version")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# an escaped NUL that is not itself an escaped backslash followed by "u0000"
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+MAX_AGGREGATE_ID_LENGTH = 256
+MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31, the last instant PostgreSQL's to_timestamp keeps
+MAX_TRACE_ID_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """The typed fields of a valid envelope, as they go into raw.order_events."""
+
+    event_id: str
+    aggregate_id: str
+    event_type: str
+    schema_version: int
+    timestamp_ms: int
+    payload_json: str
+    trace_id: str | None
+
+
+def _payload_violation(event_type: str, version: int, payload: object) -> str | None:
+    if type(payload) is not dict:
+        return f"payload must be an object, got {type(payload).__name__}"
+    for field, types in PAYLOAD_FIELDS[(event_type, version)].items():
+        if field not in payload:
+            return f"payload.{field} is required for {event_type} v{version}"
+        value = payload[field]
+        if type(value) not in types:
+            expected = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            return f"payload.{field} must be {expected}, got {type(value).__name__}"
+    return None
+
+
+def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
+    """Validate one record value against the envelope contract (docs/event-contract.md)."""
+    if value is None or len(value) == 0:
+        return Rejection(Reason.INVALID_JSON, "empty value (tombstone)")
+    if len(value) > max_bytes:
+        return Rejection(Reason.OVERSIZE, f"{len(value)} bytes exceeds the limit of {max_bytes}")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return Rejection(Reason.INVALID_JSON, str(exc))
+    if type(obj) is not dict:
+        return Rejection(Reason.NOT_AN_OBJECT, f"envelope is a JSON {type(obj).__name__}")
+    missing = [f for f in ENVELOPE_FIELDS if f not in obj]
+    if missing:
+        return Rejection(Reason.MISSING_FIELD, "missing envelope field(s): " + ", ".join(missing))
+
+    event_id = obj["event_id"]
+    if type(event_id) is not str or not _UUID.fullmatch(event_id):
+        return Rejection(Reason.INVALID_EVENT_ID, f"event_id is not a UUID: {event_id!r:.80}")
+    aggregate_id = obj["aggregate_id"]
+    if type(aggregate_id) is not str or not 0 < len(aggregate_id) <= MAX_AGGREGATE_ID_LENGTH:
+        return Rejection(Reason.INVALID_FIELD, f"aggregate_id must be a non-empty string: "
+                         f"{aggregate_id!r:.80}")
+    if "\x00" in aggregate_id:
+        return Rejection(Reason.UNSTORABLE_VALUE, "aggregate_id contains a NUL character")
+    timestamp = obj["timestamp"]
+    if type(timestamp) is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS:
+        return Rejection(Reason.INVALID_FIELD, f"timestamp must be epoch milliseconds: "
+                         f"{timestamp!r:.80}")
+    trace_id = obj.get("trace_id")
+    if trace_id is not None and (
+        type(trace_id) is not str or len(trace_id) > MAX_TRACE_ID_LENGTH or "\x00" in trace_id
+    ):
+        return Rejection(Reason.INVALID_FIELD, f"trace_id must be a short string: {trace_id!r:.80}")
+
+    event_type = obj["event_type"]
+    versions = SUPPORTED_VERSIONS.get(event_type) if type(event_type) is str else None
+    if versions is None:
+        return Rejection(Reason.UNKNOWN_EVENT_TYPE, f"unknown event_type {event_type!r:.80}")
+    version = obj["schema_version"]
+    if type(version) is not int or version not in versions:
+        return Rejection(
+            Reason.UNSUPPORTED_SCHEMA_VERSION,
+            f"{event_type} schema_version {version!r:.40} is not one of {sorted(versions)}",
+        )
+    payload = obj["payload"]
+    violation = _payload_violation(event_type, version, payload)
+    if violation is not None:
+        return Rejection(Reason.PAYLOAD_SCHEMA_VIOLATION, violation)
+
+    try:
+        payload_json = orjson.dumps(payload).decode()
+    except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than orjson writes
+        return Rejection(Reason.UNSTORABLE_VALUE, f"payload cannot be re-encoded: {exc}")
+    if "\\u0000" in payload_json and _JSON_NUL.search(payload_json):
+        return Rejection(Reason.UNSTORABLE_VALUE, "payload contains \\u0000, which jsonb rejects")
+    return Event(event_id, aggregate_id, event_type, version, timestamp, payload_json, trace_id)
+
+
+# --- COPY text format -------------------------------------------------------------------------
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+NULL = "\\N"
+
+
+def copy_text(value: str | None) -> str:
+    """A text value escaped for COPY's text format."""
+    if value is None:
+        return NULL
+    return value.translate(_COPY_ESCAPES)
+
+
+def copy_json(value: str) -> str:
+    """orjson output escapes control characters itself; only backslashes need doubling."""
+    return value.replace("\\", "\\\\") if "\\" in value else value
+
+
+def copy_bytea(value: bytes | None) -> str:
+    """bytea in COPY text format: hex, with the backslash itself escaped."""
+    return NULL if value is None else "\\\\x" + value.hex()

@@ -1,0 +1,78 @@
+-- The landing zone. Applied idempotently by `orderflow_dagster.land.schema.ensure_schema`.
+-- One row per Kafka record that parsed as an envelope; the primary key is the record's coordinates,
+-- so the same record can never be stored twice, whatever range it was landed with.
+create schema if not exists raw;
+
+create table if not exists raw.order_events (
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    kafka_offset     bigint      not null,
+    event_id         uuid        not null,
+    aggregate_id     text        not null,
+    event_type       text        not null,
+    schema_version   integer     not null,
+    event_ts_ms      bigint      not null,
+    -- derived in the database so the hot path never formats timestamps in Python
+    event_ts         timestamptz generated always as (to_timestamp(event_ts_ms / 1000.0)) stored,
+    payload          jsonb       not null,
+    key              text,
+    headers          jsonb,
+    trace_id         text,
+    kafka_ts_ms      bigint,
+    landed_at        timestamptz not null default now(),
+    run_id           text        not null,
+    primary key (topic, kafka_partition, kafka_offset)
+);
+
+-- Poison messages: kept byte for byte (bytea survives NUL bytes and invalid UTF-8) with the reason.
+create table if not exists raw.dead_letters (
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    kafka_offset     bigint      not null,
+    key              bytea,
+    value            bytea,
+    headers          jsonb,
+    reason           text        not null,
+    detail           text        not null,
+    kafka_ts_ms      bigint,
+    run_id           text        not null,
+    dead_lettered_at timestamptz not null default now(),
+    primary key (topic, kafka_partition, kafka_offset)
+);
+
+-- One row per landed offset range [start_offset, end_offset), written in the same transaction as
+-- the rows it covers: a range is in the ledger if and only if its records are in the tables above.
+create table if not exists raw.ingest_ledger (
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    start_offset     bigint      not null,
+    end_offset       bigint      not null,
+    partition_key    text        not null,
+    messages_read    integer     not null,
+    rows_landed      integer     not null,
+    dead_letters     integer     not null,
+    already_landed   integer     not null,
+    run_id           text        not null,
+    landed_at        timestamptz not null default now(),
+    duration_ms      integer,
+    primary key (topic, kafka_partition, start_offset, end_offset),
+    check (end_offset > start_offset)
+);
+
+-- Every range the planner handed out, written before its Dagster partition is added. Plan + ledger
+-- in Postgres (not the sensor cursor, which is not written atomically with the runs) are the
+-- truth about where the next range starts; the planner's advisory lock keeps plans disjoint.
+create table if not exists raw.ingest_plan (
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    start_offset     bigint      not null,
+    end_offset       bigint      not null,
+    partition_key    text        not null unique,
+    planned_at       timestamptz not null default now(),
+    primary key (topic, kafka_partition, start_offset, end_offset),
+    check (end_offset > start_offset)
+);
+
+create index if not exists ingest_ledger_landed_at on raw.ingest_ledger (landed_at);
+-- BRIN: nearly free on the hot path (landed_at only grows), lets dbt read "what landed since".
+create index if not exists order_events_landed_at on raw.order_events using brin (landed_at);

@@ -1,0 +1,148 @@
+"""Postgres side of planning and landing: schema, plan, ledger and the per-partition locks.
+
+All SQL takes values as parameters; the few dynamic names go through `psycopg.sql.Identifier`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from orderflow_dagster.land.ranges import OffsetRange
+
+# Advisory-lock namespaces (the first int of the two-int form), so our locks cannot collide with
+# another application's locks on the same database.
+LOCK_LANDING = 0x0F10
+LOCK_PLANNING = 0x0F11
+
+
+def schema_sql() -> str:
+    return resources.files("orderflow_dagster.land").joinpath("sql/schema.sql").read_text()
+
+
+def ensure_schema(conn: psycopg.Connection) -> None:
+    """Create the raw tables if missing. Serialized, because concurrent CREATE IF NOT EXISTS races."""
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s, 0)", (LOCK_PLANNING,))
+        conn.execute(schema_sql())
+
+
+def lock_partition_for_landing(conn: psycopg.Connection, topic: str, partition: int) -> None:
+    """Serialize landings of one Kafka partition across processes (Dagster can launch duplicates).
+
+    Held until the transaction ends. hashtext folds the topic into the key; a collision between
+    two topics only serializes them, it cannot corrupt anything.
+    """
+    conn.execute(
+        "select pg_advisory_xact_lock(%s, hashtext(%s || '|' || %s::text))",
+        (LOCK_LANDING, topic, partition),
+    )
+
+
+def lock_topic_for_planning(conn: psycopg.Connection, topic: str) -> None:
+    conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_PLANNING, topic))
+
+
+def landed_spans(conn: psycopg.Connection, topic: str, partition: int) -> list[tuple[int, int]]:
+    rows = conn.execute(
+        "select start_offset, end_offset from raw.ingest_ledger"
+        " where topic = %s and kafka_partition = %s order by start_offset",
+        (topic, partition),
+    ).fetchall()
+    return [(int(s), int(e)) for s, e in rows]
+
+
+@dataclass(frozen=True)
+class TopicProgress:
+    """Plan and ledger of one topic, by Kafka partition."""
+
+    planned: dict[int, list[OffsetRange]]
+    landed: dict[int, list[tuple[int, int]]]
+
+    def frontier(self, partition: int) -> int | None:
+        ends = [r.end for r in self.planned.get(partition, [])]
+        ends += [e for _, e in self.landed.get(partition, [])]
+        return max(ends) if ends else None
+
+    def origin(self, partition: int) -> int | None:
+        """Where this partition's first range started: the prefix to commit starts here."""
+        starts = [r.start for r in self.planned.get(partition, [])]
+        starts += [s for s, _ in self.landed.get(partition, [])]
+        return min(starts) if starts else None
+
+    def unlanded(self, partition: int | None = None) -> list[OffsetRange]:
+        parts = self.planned if partition is None else {partition: self.planned.get(partition, [])}
+        out = []
+        for p, ranges in parts.items():
+            done = set(self.landed.get(p, []))
+            out += [r for r in ranges if (r.start, r.end) not in done]
+        return sorted(out)
+
+    def partitions(self) -> set[int]:
+        return set(self.planned) | set(self.landed)
+
+
+def topic_progress(conn: psycopg.Connection, topic: str) -> TopicProgress:
+    planned: dict[int, list[OffsetRange]] = defaultdict(list)
+    landed: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for p, s, e in conn.execute(
+        "select kafka_partition, start_offset, end_offset from raw.ingest_plan"
+        " where topic = %s order by kafka_partition, start_offset",
+        (topic,),
+    ):
+        planned[p].append(OffsetRange(topic, p, int(s), int(e)))
+    for p, s, e in conn.execute(
+        "select kafka_partition, start_offset, end_offset from raw.ingest_ledger"
+        " where topic = %s order by kafka_partition, start_offset",
+        (topic,),
+    ):
+        landed[p].append((int(s), int(e)))
+    return TopicProgress(dict(planned), dict(landed))
+
+
+def record_plan(conn: psycopg.Connection, ranges: list[OffsetRange]) -> None:
+    if not ranges:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            "insert into raw.ingest_plan (topic, kafka_partition, start_offset, end_offset,"
+            " partition_key) values (%s, %s, %s, %s, %s) on conflict do nothing",
+            [(r.topic, r.partition, r.start, r.end, r.key) for r in ranges],
+        )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    range: OffsetRange
+    messages_read: int
+    rows_landed: int
+    dead_letters: int
+    already_landed: int
+    run_id: str
+    duration_ms: int
+
+
+def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
+    r = entry.range
+    conn.execute(
+        "insert into raw.ingest_ledger (topic, kafka_partition, start_offset, end_offset,"
+        " partition_key, messages_read, rows_landed, dead_letters, already_landed, run_id,"
+        " duration_ms) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " on conflict (topic, kafka_partition, start_offset, end_offset) do nothing",
+        (
+            r.topic,
+            r.partition,
+            r.start,
+            r.end,
+            r.key,
+            entry.messages_read,
+            entry.rows_landed,
+            entry.dead_letters,
+            entry.already_landed,
+            entry.run_id,
+            entry.duration_ms,
+        ),
+    )

@@ -1,0 +1,76 @@
+"""Envelope validation and COPY escaping: pure unit tests."""
+
+import uuid
+
+import orjson
+import pytest
+
+from orderflow_dagster.land.parse import Event, Reason, Rejection, copy_json, copy_text, parse_event
+
+MAX = 1_048_576
+
+
+def envelope(**overrides):
+    env = {
+        "event_id": str(uuid.uuid4()),
+        "aggregate_id": "order-1",
+        "event_type": "PaymentProcessed",
+        "payload": {"payment_id": "p1", "amount": 10.5, "currency": "EUR", "method": "card"},
+        "timestamp": 1_700_000_000_000,
+        "schema_version": 1,
+    }
+    env.update(overrides)
+    return orjson.dumps(env)
+
+
+def test_a_valid_envelope_parses_into_typed_fields():
+    event = parse_event(envelope(), max_bytes=MAX)
+    assert isinstance(event, Event)
+    assert event.event_type == "PaymentProcessed" and event.timestamp_ms == 1_700_000_000_000
+    assert orjson.loads(event.payload_json)["amount"] == 10.5
+
+
+def test_unknown_fields_are_ignored_by_readers():
+    raw = envelope(extra_top="x", payload={"payment_id": "p", "amount": 1, "currency": "EUR",
+                                           "method": "card", "new_field": [1, 2]})
+    assert isinstance(parse_event(raw, max_bytes=MAX), Event)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", Reason.INVALID_JSON),
+        (b"\xff\xfe garbage", Reason.INVALID_JSON),
+        (b"", Reason.INVALID_JSON),
+        (b"[1, 2]", Reason.NOT_AN_OBJECT),
+        (orjson.dumps({"event_id": str(uuid.uuid4())}), Reason.MISSING_FIELD),
+        (envelope(event_id="not-a-uuid"), Reason.INVALID_EVENT_ID),
+        (envelope(event_type="OrderTeleported"), Reason.UNKNOWN_EVENT_TYPE),
+        (envelope(schema_version=99), Reason.UNSUPPORTED_SCHEMA_VERSION),
+        (envelope(payload={"payment_id": "p"}), Reason.PAYLOAD_SCHEMA_VIOLATION),
+        (envelope(payload={"payment_id": "p", "amount": "ten", "currency": "EUR",
+                           "method": "card"}), Reason.PAYLOAD_SCHEMA_VIOLATION),
+        (envelope(timestamp="yesterday"), Reason.INVALID_FIELD),
+        (envelope(aggregate_id=""), Reason.INVALID_FIELD),
+        (envelope(payload={"payment_id": "p\u0000", "amount": 1, "currency": "EUR",
+                           "method": "card"}), Reason.UNSTORABLE_VALUE),
+        (b"{" + b" " * 2000 + b"}", Reason.OVERSIZE),
+    ],
+)
+def test_each_kind_of_poison_gets_its_reason(raw, reason):
+    result = parse_event(raw, max_bytes=1000 if reason == Reason.OVERSIZE else MAX)
+    assert isinstance(result, Rejection)
+    assert result.reason == reason
+    assert result.detail
+
+
+def test_an_escaped_backslash_before_u0000_is_not_mistaken_for_a_nul():
+    raw = envelope(payload={"payment_id": "\\u0000", "amount": 1, "currency": "EUR",
+                            "method": "card"})
+    assert isinstance(parse_event(raw, max_bytes=MAX), Event)
+
+
+def test_copy_text_escapes_the_characters_copy_treats_specially():
+    assert copy_text("a\tb\nc\\d\re") == "a\\tb\\nc\\\\d\\re"
+    assert copy_text(None) == "\\N"
+    assert copy_json('{"a":"x\\"y"}') == '{"a":"x\\\\"y"}'
