@@ -17,7 +17,7 @@ from dagster import (
 from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
 from orderflow_dagster.defs.launch import RunInfo, launches
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
-from orderflow_dagster.land.landing import repair_kafka_commit
+from orderflow_dagster.land.landing import repair_kafka_commits
 from orderflow_dagster.land.planner import plan_ranges
 
 PARTITION_TAG = "dagster/partition"
@@ -57,8 +57,7 @@ def kafka_offset_ranges_sensor(
             max_inflight=landing.max_inflight,
         )
         # a process that died between the Postgres and the Kafka commit left Kafka behind
-        for partition in plan.states:
-            repair_kafka_commit(conn, consumer, kafka.topic, partition)
+        repair_kafka_commits(conn, consumer, kafka.topic)
 
     keys = [r.key for r in plan.unlanded]
     known = set(context.instance.get_dynamic_partitions(offset_ranges.name))

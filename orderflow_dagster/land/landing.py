@@ -218,11 +218,22 @@ def repair_kafka_commit(
     """
     with conn.transaction():
         store.lock_partition_for_landing(conn, topic, partition)
-        target = contiguous_end(
-            origin(conn, topic, partition), store.landed_spans(conn, topic, partition)
-        )
+        start = origin(conn, topic, partition)
+        target = contiguous_end(start, store.landed_spans(conn, topic, partition))
         current = kafka_source.committed(consumer, topic, [partition])[partition]
-        if target is not None and (current is None or target > current):
+        # nothing landed from the origin yet: leave the group without a commit rather than
+        # commit the origin itself, so "committed" always means "landed up to here"
+        floor = current if current is not None else start
+        if target is not None and target > floor:
             kafka_source.commit(consumer, topic, {partition: target})
             return target
         return current
+
+
+def repair_kafka_commits(conn: psycopg.Connection, consumer: Consumer, topic: str) -> dict:
+    """`repair_kafka_commit` for every partition of the topic: what each tick and catch-up run
+    does, so a process that died between the two commits is repaired on the next one."""
+    return {
+        p: repair_kafka_commit(conn, consumer, topic, p)
+        for p in kafka_source.partitions(consumer, topic)
+    }

@@ -52,7 +52,7 @@ def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
     from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
     from orderflow_dagster.defs.resources import resources_from_env
     from orderflow_dagster.land import kafka_source
-    from orderflow_dagster.land.landing import repair_kafka_commit
+    from orderflow_dagster.land.landing import repair_kafka_commits
     from orderflow_dagster.land.planner import plan_ranges
 
     started = time.monotonic()
@@ -98,11 +98,9 @@ def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
         report.modelled = True
 
     with postgres.connect() as conn, kafka.consumer() as consumer:
-        parts = kafka_source.partitions(consumer, kafka.topic)
+        committed = repair_kafka_commits(conn, consumer, kafka.topic)
+        parts = sorted(committed)
         marks = kafka_source.watermarks(consumer, kafka.topic, parts)
-        committed = {
-            p: repair_kafka_commit(conn, consumer, kafka.topic, p) for p in parts
-        }
         report.produced = sum(high - low for low, high in marks.values())
         report.lag = sum(marks[p][1] - (committed[p] or marks[p][0]) for p in parts)
         report.landed_rows, report.dead_letters = conn.execute(

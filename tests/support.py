@@ -1,0 +1,101 @@
+"""Helpers shared by the end-to-end tests: produce a stream, land it, check the invariants."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import psycopg
+
+from orderflow_dagster.ingest.generator import Outgoing, generate
+from orderflow_dagster.ingest.producer import EventProducer
+from orderflow_dagster.land import kafka_source
+from orderflow_dagster.land.ranges import merge_intervals
+
+
+def produce(bootstrap: str, topic: str, outgoing: list[Outgoing]) -> None:
+    with EventProducer(bootstrap, topic=topic) as producer:
+        for msg in outgoing:
+            producer.produce_raw(msg.value, msg.key, msg.partition)
+
+
+def produce_orders(bootstrap: str, topic: str, orders: int, *, seed: int = 1, **rates) -> list:
+    outgoing = list(generate(orders, seed=seed, num_partitions=4, **rates))
+    produce(bootstrap, topic, outgoing)
+    return outgoing
+
+
+@dataclass
+class Invariants:
+    produced: int
+    raw_rows: int
+    dead_letters: int
+    duplicate_coordinates: int
+    ledger_contiguous: bool
+    ledger_ends: dict[int, int]
+    committed: dict[int, int | None]
+
+    def assert_exactly_once(self) -> None:
+        assert self.raw_rows + self.dead_letters == self.produced, self
+        assert self.duplicate_coordinates == 0, self
+        assert self.ledger_contiguous, self
+        assert self.committed == self.ledger_ends, self
+
+
+def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) -> Invariants:
+    raw, dead = conn.execute(
+        "select (select count(*) from raw.order_events where topic = %s),"
+        " (select count(*) from raw.dead_letters where topic = %s)",
+        (topic, topic),
+    ).fetchone()
+    dupes = conn.execute(
+        "select count(*) from (select kafka_partition, kafka_offset from ("
+        " select kafka_partition, kafka_offset from raw.order_events where topic = %s"
+        " union all select kafka_partition, kafka_offset from raw.dead_letters where topic = %s"
+        ") c group by 1, 2 having count(*) > 1) d",
+        (topic, topic),
+    ).fetchone()[0]
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for p, s, e in conn.execute(
+        "select kafka_partition, start_offset, end_offset from raw.ingest_ledger"
+        " where topic = %s order by 1, 2",
+        (topic,),
+    ):
+        spans.setdefault(p, []).append((s, e))
+    contiguous = all(
+        all(a[1] == b[0] for a, b in zip(v, v[1:], strict=False)) and len(merge_intervals(v)) == 1
+        for v in spans.values()
+    )
+    parts = kafka_source.partitions(consumer, topic)
+    committed = kafka_source.committed(consumer, topic, parts)
+    ends = {p: (spans[p][-1][1] if p in spans else None) for p in parts}
+    return Invariants(produced, raw, dead, dupes, contiguous, ends, committed)
+
+
+def table_checksums(conn: psycopg.Connection, topic: str) -> dict[str, tuple]:
+    """Content checksums of the landed tables (landed_at/run_id excluded: they say when, not what)."""
+    return {
+        "order_events": conn.execute(
+            "select count(*), md5(string_agg(concat_ws('|', kafka_partition, kafka_offset,"
+            " event_id, aggregate_id, event_type, schema_version, event_ts_ms, payload::text,"
+            " key, headers::text, trace_id), ',' order by kafka_partition, kafka_offset))"
+            " from raw.order_events where topic = %s",
+            (topic,),
+        ).fetchone(),
+        "dead_letters": conn.execute(
+            "select count(*), md5(string_agg(concat_ws('|', kafka_partition, kafka_offset,"
+            " encode(value, 'hex'), reason, detail), ',' order by kafka_partition, kafka_offset))"
+            " from raw.dead_letters where topic = %s",
+            (topic,),
+        ).fetchone(),
+        "ledger": conn.execute(
+            "select count(*), md5(string_agg(concat_ws('|', kafka_partition, start_offset,"
+            " end_offset, rows_landed, dead_letters), ',' order by kafka_partition, start_offset))"
+            " from raw.ingest_ledger where topic = %s",
+            (topic,),
+        ).fetchone(),
+    }
+
+
+def kinds(outgoing: list[Outgoing]) -> Counter:
+    return Counter(o.kind for o in outgoing)

@@ -1,0 +1,186 @@
+"""Landing ranges exactly once, against the real broker and Postgres."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+
+from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land.landing import land_range, repair_kafka_commits
+from orderflow_dagster.land.planner import plan_ranges
+from orderflow_dagster.land.ranges import OffsetRange
+from tests.support import invariants, produce_orders, table_checksums
+
+GROUP = "orderflow-test"
+
+
+@contextmanager
+def connections(bootstrap: str, dsn: str, group: str = GROUP):
+    conn = psycopg.connect(dsn, autocommit=True)
+    consumer = kafka_source.open_consumer(bootstrap, group)
+    try:
+        store.ensure_schema(conn)
+        yield conn, consumer
+    finally:
+        consumer.close()
+        conn.close()
+
+
+def land_all(conn, consumer, topic, *, max_events=50, max_inflight=100, run_id="test-run"):
+    plan = plan_ranges(
+        conn, consumer, topic, max_events_per_batch=max_events, max_inflight=max_inflight
+    )
+    results = [land_range(r, conn=conn, consumer=consumer, run_id=run_id) for r in plan.unlanded]
+    repair_kafka_commits(conn, consumer, topic)  # as every sensor tick and catch-up run does
+    return results
+
+
+def test_a_stream_with_duplicates_and_poison_lands_exactly_once(
+    kafka_bootstrap, postgres_dsn, topic
+):
+    outgoing = produce_orders(kafka_bootstrap, topic, 150, duplicate_rate=0.1, poison_rate=0.05)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        results = land_all(conn, consumer, topic)
+        inv = invariants(conn, consumer, topic, len(outgoing))
+        inv.assert_exactly_once()
+        poison = [o for o in outgoing if o.kind == "poison"]
+        assert inv.dead_letters == len(poison) > 0
+        # every poison message is dead-lettered under the reason it was built to trigger
+        reasons = Counter(r for (r,) in conn.execute(
+            "select reason from raw.dead_letters where topic = %s", (topic,)
+        ))
+        assert reasons == Counter(o.poison_reason for o in poison)
+        # and its bytes survive as they were sent (NUL bytes, invalid UTF-8 included)
+        stored = {bytes(v) for (v,) in conn.execute(
+            "select value from raw.dead_letters where topic = %s", (topic,)
+        )}
+        assert stored == {o.value for o in poison}
+    assert sum(r.rows_landed for r in results) == inv.raw_rows
+
+
+def test_landing_the_same_partition_twice_leaves_identical_tables(
+    kafka_bootstrap, postgres_dsn, topic
+):
+    produce_orders(kafka_bootstrap, topic, 60, poison_rate=0.05)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        first = land_all(conn, consumer, topic)
+        before = table_checksums(conn, topic)
+        again = [land_range(r.range, conn=conn, consumer=consumer, run_id="rerun") for r in first]
+        assert table_checksums(conn, topic) == before
+        assert all(r.rows_landed == 0 and r.already_landed == r.range.size for r in again)
+
+
+def test_landing_overlapping_ranges_adds_no_row_twice(kafka_bootstrap, postgres_dsn, topic):
+    outgoing = produce_orders(kafka_bootstrap, topic, 60)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        high = kafka_source.watermarks(consumer, topic, [0])[0][1]
+        assert high > 10
+        a = land_range(OffsetRange(topic, 0, 0, high // 2 + 3), conn=conn, consumer=consumer,
+                       run_id="a")
+        b = land_range(OffsetRange(topic, 0, high // 2 - 3, high), conn=conn, consumer=consumer,
+                       run_id="b")
+        assert b.already_landed == 6
+        count = conn.execute(
+            "select count(*) from raw.order_events where topic = %s and kafka_partition = 0",
+            (topic,),
+        ).fetchone()[0]
+        dead = conn.execute(
+            "select count(*) from raw.dead_letters where topic = %s and kafka_partition = 0",
+            (topic,),
+        ).fetchone()[0]
+        assert count + dead == high == a.messages_read + b.messages_read
+    assert outgoing
+
+
+def test_the_kafka_commit_never_passes_a_gap(kafka_bootstrap, postgres_dsn, topic):
+    produce_orders(kafka_bootstrap, topic, 80)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        plan = plan_ranges(conn, consumer, topic, max_events_per_batch=10, max_inflight=100)
+        p0 = [r for r in plan.unlanded if r.partition == 0]
+        assert len(p0) >= 3
+        # land the second and third range first: the first has not landed, so nothing commits
+        for r in p0[1:3]:
+            land_range(r, conn=conn, consumer=consumer, run_id="out-of-order")
+        assert kafka_source.committed(consumer, topic, [0])[0] is None
+        land_range(p0[0], conn=conn, consumer=consumer, run_id="first")
+        assert kafka_source.committed(consumer, topic, [0])[0] == p0[2].end
+
+
+def test_two_runs_of_the_same_range_at_once_land_it_once(kafka_bootstrap, postgres_dsn, topic):
+    outgoing = produce_orders(kafka_bootstrap, topic, 100)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        plan = plan_ranges(conn, consumer, topic, max_events_per_batch=10_000, max_inflight=1)
+    results = []
+
+    def run(name):
+        with connections(kafka_bootstrap, postgres_dsn) as (c, k):
+            results.append([land_range(r, conn=c, consumer=k, run_id=name) for r in plan.unlanded])
+
+    threads = [threading.Thread(target=run, args=(f"run-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2
+    # per range: one run landed it, the other found it in the ledger and did nothing
+    for first, second in zip(*results, strict=True):
+        assert first.range == second.range
+        work = sorted([first.messages_read, second.messages_read])
+        assert work[0] == 0 and work[1] > 0
+        assert sorted([first.already_landed, second.already_landed]) == [0, first.range.size]
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
+
+
+CRASH_SCRIPT = """
+import sys, psycopg
+from orderflow_dagster.land import kafka_source
+from orderflow_dagster.land.landing import land_range, repair_kafka_commits
+from orderflow_dagster.land.ranges import OffsetRange
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+consumer = kafka_source.open_consumer(sys.argv[2], sys.argv[3])
+land_range(OffsetRange.from_key(sys.argv[4]), conn=conn, consumer=consumer, run_id="crashing")
+"""
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "ledger_after_crash"),
+    [
+        ("before_copy", 0),
+        ("mid_copy", 0),
+        ("after_copy_before_commit", 0),
+        ("after_db_commit_before_kafka_commit", 1),
+    ],
+)
+def test_a_crash_at_any_point_loses_nothing_and_duplicates_nothing_after_a_rerun(
+    kafka_bootstrap, postgres_dsn, topic, crash_at, ledger_after_crash
+):
+    outgoing = produce_orders(kafka_bootstrap, topic, 40, poison_rate=0.05)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        plan = plan_ranges(conn, consumer, topic, max_events_per_batch=10_000, max_inflight=1)
+        victim = next(r for r in plan.unlanded if r.size > 0)
+    env = {**os.environ, "ORDERFLOW_CRASH_AT": crash_at}
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, postgres_dsn, kafka_bootstrap, GROUP, victim.key],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr  # SIGKILLed itself at the crash point
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        ledger = conn.execute(
+            "select count(*) from raw.ingest_ledger where partition_key = %s", (victim.key,)
+        ).fetchone()[0]
+        assert ledger == ledger_after_crash
+        # Kafka is never ahead of Postgres, whatever the crash point
+        assert kafka_source.committed(consumer, topic, [victim.partition])[victim.partition] is None
+        land_all(conn, consumer, topic, max_events=10_000)
+        invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
