@@ -79,7 +79,7 @@ def require(name: str, env: Mapping[str, str] | None = None) -> str:
     value = env.get(name)
     if not value:
         raise RuntimeError(
-            f"{name} is not set. Run `eval \"$(orderflow stack up)\"` for the local stack, "
+            f'{name} is not set. Run `eval "$(orderflow stack up)"` for the local stack, '
             f"or export it to point at your own service."
         )
     return value

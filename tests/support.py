@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
     ):
         spans.setdefault(p, []).append((s, e))
     contiguous = all(
-        all(a[1] == b[0] for a, b in zip(v, v[1:], strict=False)) and len(merge_intervals(v)) == 1
+        all(a[1] == b[0] for a, b in itertools.pairwise(v)) and len(merge_intervals(v)) == 1
         for v in spans.values()
     )
     parts = kafka_source.partitions(consumer, topic)
@@ -73,7 +74,7 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
 
 
 def table_checksums(conn: psycopg.Connection, topic: str) -> dict[str, tuple]:
-    """Content checksums of the landed tables (landed_at/run_id excluded: they say when, not what)."""
+    """Content checksums of the landed tables (without landed_at/run_id: when, not what)."""
     return {
         "order_events": conn.execute(
             "select count(*), md5(string_agg(concat_ws('|', kafka_partition, kafka_offset,"

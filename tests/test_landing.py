@@ -53,14 +53,20 @@ def test_a_stream_with_duplicates_and_poison_lands_exactly_once(
         poison = [o for o in outgoing if o.kind == "poison"]
         assert inv.dead_letters == len(poison) > 0
         # every poison message is dead-lettered under the reason it was built to trigger
-        reasons = Counter(r for (r,) in conn.execute(
-            "select reason from raw.dead_letters where topic = %s", (topic,)
-        ))
+        reasons = Counter(
+            r
+            for (r,) in conn.execute(
+                "select reason from raw.dead_letters where topic = %s", (topic,)
+            )
+        )
         assert reasons == Counter(o.poison_reason for o in poison)
         # and its bytes survive as they were sent (NUL bytes, invalid UTF-8 included)
-        stored = {bytes(v) for (v,) in conn.execute(
-            "select value from raw.dead_letters where topic = %s", (topic,)
-        )}
+        stored = {
+            bytes(v)
+            for (v,) in conn.execute(
+                "select value from raw.dead_letters where topic = %s", (topic,)
+            )
+        }
         assert stored == {o.value for o in poison}
     assert sum(r.rows_landed for r in results) == inv.raw_rows
 
@@ -82,10 +88,12 @@ def test_landing_overlapping_ranges_adds_no_row_twice(kafka_bootstrap, postgres_
     with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
         high = kafka_source.watermarks(consumer, topic, [0])[0][1]
         assert high > 10
-        a = land_range(OffsetRange(topic, 0, 0, high // 2 + 3), conn=conn, consumer=consumer,
-                       run_id="a")
-        b = land_range(OffsetRange(topic, 0, high // 2 - 3, high), conn=conn, consumer=consumer,
-                       run_id="b")
+        a = land_range(
+            OffsetRange(topic, 0, 0, high // 2 + 3), conn=conn, consumer=consumer, run_id="a"
+        )
+        b = land_range(
+            OffsetRange(topic, 0, high // 2 - 3, high), conn=conn, consumer=consumer, run_id="b"
+        )
         assert b.already_landed == 6
         count = conn.execute(
             "select count(*) from raw.order_events where topic = %s and kafka_partition = 0",

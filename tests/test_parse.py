@@ -31,8 +31,16 @@ def test_a_valid_envelope_parses_into_typed_fields():
 
 
 def test_unknown_fields_are_ignored_by_readers():
-    raw = envelope(extra_top="x", payload={"payment_id": "p", "amount": 1, "currency": "EUR",
-                                           "method": "card", "new_field": [1, 2]})
+    raw = envelope(
+        extra_top="x",
+        payload={
+            "payment_id": "p",
+            "amount": 1,
+            "currency": "EUR",
+            "method": "card",
+            "new_field": [1, 2],
+        },
+    )
     assert isinstance(parse_event(raw, max_bytes=MAX), Event)
 
 
@@ -48,12 +56,20 @@ def test_unknown_fields_are_ignored_by_readers():
         (envelope(event_type="OrderTeleported"), Reason.UNKNOWN_EVENT_TYPE),
         (envelope(schema_version=99), Reason.UNSUPPORTED_SCHEMA_VERSION),
         (envelope(payload={"payment_id": "p"}), Reason.PAYLOAD_SCHEMA_VIOLATION),
-        (envelope(payload={"payment_id": "p", "amount": "ten", "currency": "EUR",
-                           "method": "card"}), Reason.PAYLOAD_SCHEMA_VIOLATION),
+        (
+            envelope(
+                payload={"payment_id": "p", "amount": "ten", "currency": "EUR", "method": "card"}
+            ),
+            Reason.PAYLOAD_SCHEMA_VIOLATION,
+        ),
         (envelope(timestamp="yesterday"), Reason.INVALID_FIELD),
         (envelope(aggregate_id=""), Reason.INVALID_FIELD),
-        (envelope(payload={"payment_id": "p\u0000", "amount": 1, "currency": "EUR",
-                           "method": "card"}), Reason.UNSTORABLE_VALUE),
+        (
+            envelope(
+                payload={"payment_id": "p\u0000", "amount": 1, "currency": "EUR", "method": "card"}
+            ),
+            Reason.UNSTORABLE_VALUE,
+        ),
         (b"{" + b" " * 2000 + b"}", Reason.OVERSIZE),
     ],
 )
@@ -65,8 +81,9 @@ def test_each_kind_of_poison_gets_its_reason(raw, reason):
 
 
 def test_an_escaped_backslash_before_u0000_is_not_mistaken_for_a_nul():
-    raw = envelope(payload={"payment_id": "\\u0000", "amount": 1, "currency": "EUR",
-                            "method": "card"})
+    raw = envelope(
+        payload={"payment_id": "\\u0000", "amount": 1, "currency": "EUR", "method": "card"}
+    )
     assert isinstance(parse_event(raw, max_bytes=MAX), Event)
 
 

@@ -1,5 +1,7 @@
 """Range planning, keys and the contiguous prefix: pure unit tests."""
 
+import itertools
+
 import pytest
 
 from orderflow_dagster.land.ranges import (
@@ -31,9 +33,7 @@ def test_malformed_partition_keys_are_refused_with_a_clear_error(bad):
 
 
 def test_first_plan_starts_at_the_low_watermark_and_cuts_at_max_events():
-    ranges = plan_partition(
-        "t", state(low=5, high=25), max_events_per_batch=10, max_inflight=5
-    )
+    ranges = plan_partition("t", state(low=5, high=25), max_events_per_batch=10, max_inflight=5)
     assert [(r.start, r.end) for r in ranges] == [(5, 15), (15, 25)]
 
 
@@ -53,13 +53,15 @@ def test_sensor_plans_no_range_while_max_inflight_ranges_are_unlanded():
 
 
 def test_no_range_is_planned_when_the_lag_is_zero():
-    assert plan_partition("t", state(high=7, frontier=7), max_events_per_batch=5, max_inflight=3) == []
+    assert (
+        plan_partition("t", state(high=7, frontier=7), max_events_per_batch=5, max_inflight=3) == []
+    )
 
 
 def test_planned_ranges_are_contiguous_and_never_overlap():
     ranges = plan_partition("t", state(low=3, high=1001), max_events_per_batch=97, max_inflight=50)
     assert ranges[0].start == 3 and ranges[-1].end == 1001
-    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(ranges))
     assert all(r.size <= 97 for r in ranges)
 
 

@@ -1,6 +1,5 @@
 """The landing asset: one dynamic partition per Kafka offset range."""
 
-
 from dagster import (
     AssetExecutionContext,
     Backoff,
@@ -22,7 +21,9 @@ offset_ranges = DynamicPartitionsDefinition(name="kafka_offset_ranges")
 
 # Broker or database unavailable: retry in-process with exponential backoff and jitter. Runs
 # killed outright are retried by Dagster's run retries (see dagster.yaml).
-TRANSIENT_RETRY = RetryPolicy(max_retries=5, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.FULL)
+TRANSIENT_RETRY = RetryPolicy(
+    max_retries=5, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.FULL
+)
 
 
 def landing_metadata(result: LandingResult) -> dict[str, object]:

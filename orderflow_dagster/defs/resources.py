@@ -1,6 +1,5 @@
 """Typed resources, wired once from the environment in `resources_from_env`."""
 
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -82,5 +81,3 @@ def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
             retry_grace_seconds=settings.env_int("ORDERFLOW_RETRY_GRACE_SECONDS", 30),
         ),
     }
-
-

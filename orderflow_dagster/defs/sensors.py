@@ -1,6 +1,5 @@
 """The planning sensor: Kafka offsets -> dynamic partitions -> runs."""
 
-
 import time
 
 from dagster import (

@@ -181,7 +181,12 @@ def land_range(
             store.record_landing(
                 conn,
                 store.LedgerEntry(
-                    rng, messages, rows, dead, already, run_id,
+                    rng,
+                    messages,
+                    rows,
+                    dead,
+                    already,
+                    run_id,
                     int((time.monotonic() - started) * 1000),
                 ),
             )
@@ -193,7 +198,13 @@ def land_range(
         kafka_source.TopicPartition(rng.topic, rng.partition), cached=True
     )
     return LandingResult(
-        rng, messages, rows, dead, already, time.monotonic() - started, committed,
+        rng,
+        messages,
+        rows,
+        dead,
+        already,
+        time.monotonic() - started,
+        committed,
         int(marks[1]) if marks and marks[1] >= 0 else None,
     )
 

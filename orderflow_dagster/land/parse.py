@@ -77,7 +77,14 @@ for _event_type, _version in PAYLOAD_FIELDS:
     SUPPORTED_VERSIONS.setdefault(_event_type, frozenset())
     SUPPORTED_VERSIONS[_event_type] |= {_version}
 
-ENVELOPE_FIELDS = ("event_id", "aggregate_id", "event_type", "payload", "timestamp", "schema_version")
+ENVELOPE_FIELDS = (
+    "event_id",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "timestamp",
+    "schema_version",
+)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # an escaped NUL that is not itself an escaped backslash followed by "u0000"
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -133,14 +140,16 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
         return Rejection(Reason.INVALID_EVENT_ID, f"event_id is not a UUID: {event_id!r:.80}")
     aggregate_id = obj["aggregate_id"]
     if type(aggregate_id) is not str or not 0 < len(aggregate_id) <= MAX_AGGREGATE_ID_LENGTH:
-        return Rejection(Reason.INVALID_FIELD, f"aggregate_id must be a non-empty string: "
-                         f"{aggregate_id!r:.80}")
+        return Rejection(
+            Reason.INVALID_FIELD, f"aggregate_id must be a non-empty string: {aggregate_id!r:.80}"
+        )
     if "\x00" in aggregate_id:
         return Rejection(Reason.UNSTORABLE_VALUE, "aggregate_id contains a NUL character")
     timestamp = obj["timestamp"]
     if type(timestamp) is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS:
-        return Rejection(Reason.INVALID_FIELD, f"timestamp must be epoch milliseconds: "
-                         f"{timestamp!r:.80}")
+        return Rejection(
+            Reason.INVALID_FIELD, f"timestamp must be epoch milliseconds: {timestamp!r:.80}"
+        )
     trace_id = obj.get("trace_id")
     if trace_id is not None and (
         type(trace_id) is not str or len(trace_id) > MAX_TRACE_ID_LENGTH or "\x00" in trace_id

@@ -48,8 +48,7 @@ class OffsetRange:
             return cls(topic, int(partition), int(start), int(end))
         except ValueError as exc:
             raise ValueError(
-                f"not an offset-range partition key: {key!r} "
-                f"(expected 'topic|partition|start-end')"
+                f"not an offset-range partition key: {key!r} (expected 'topic|partition|start-end')"
             ) from exc
 
     def __str__(self) -> str:

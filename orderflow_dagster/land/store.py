@@ -24,7 +24,7 @@ def schema_sql() -> str:
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create the raw tables if missing. Serialized, because concurrent CREATE IF NOT EXISTS races."""
+    """Create the raw tables if missing; serialized, as concurrent CREATE IF NOT EXISTS races."""
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s, 0)", (LOCK_PLANNING,))
         conn.execute(schema_sql())

@@ -1,0 +1,1 @@
+"""The local Kafka + Postgres stack (`orderflow stack up|down|status`); see `manager`."""
