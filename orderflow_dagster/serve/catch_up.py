@@ -83,6 +83,7 @@ def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
                 resources=resources,
                 raise_on_error=False,
                 tags={"orderflow/source": "catch-up"},
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             )
             if not result.success:
                 report.failed += 1
