@@ -44,3 +44,16 @@ def launches(
         if now - last_end >= retry_grace_seconds:
             out.append(Launch(key, f"{key}|attempt-{len(runs) + 1}"))
     return out
+
+
+def dbt_build_decision(ledger_marker: str, cursor: str | None, dbt_in_progress: bool) -> str | None:
+    """None: request a dbt build now; otherwise why not.
+
+    One build covers every range landed since the previous one, so a burst of ranges costs one
+    build, not one per range; none starts while one runs (incremental models must not race).
+    """
+    if ledger_marker == (cursor or ""):
+        return "no range landed since the last dbt build"
+    if dbt_in_progress:
+        return "a dbt build is in progress; new ranges will be modelled by the next one"
+    return None

@@ -3,18 +3,21 @@
 import time
 
 from dagster import (
+    AssetSelection,
     DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    define_asset_job,
     sensor,
 )
 
 from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
-from orderflow_dagster.defs.launch import RunInfo, launches
+from orderflow_dagster.defs.launch import IN_PROGRESS, RunInfo, dbt_build_decision, launches
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
 from orderflow_dagster.land.landing import repair_kafka_commits
 from orderflow_dagster.land.planner import plan_ranges
@@ -77,3 +80,38 @@ def kafka_offset_ranges_sensor(
         run_requests=[RunRequest(run_key=t.run_key, partition_key=t.partition_key) for t in todo],
         dynamic_partitions_requests=[offset_ranges.build_add_request(to_add)] if to_add else [],
     )
+
+
+dbt_job = define_asset_job(
+    "orderflow_dbt_job",
+    selection=AssetSelection.groups("staging", "marts"),
+    description="dbt build of the staging and mart models, with their tests as asset checks.",
+)
+
+
+@sensor(
+    job=dbt_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Runs the dbt models after new offset ranges land: one build for every burst of "
+    "landed ranges, never two at once.",
+)
+def dbt_after_landing_sensor(
+    context: SensorEvaluationContext, postgres: PostgresResource
+) -> RunRequest | SkipReason:
+    with postgres.connect() as conn:
+        count, last = conn.execute(
+            "select count(*), max(landed_at) from raw.ingest_ledger"
+        ).fetchone()
+    marker = f"{count}:{last.isoformat() if last else '-'}"
+    running = context.instance.get_run_records(
+        filters=RunsFilter(
+            job_name=dbt_job.name, statuses=[DagsterRunStatus(s) for s in IN_PROGRESS]
+        ),
+        limit=1,
+    )
+    reason = dbt_build_decision(marker, context.cursor, dbt_in_progress=bool(running))
+    if reason is not None:
+        return SkipReason(f"{reason} ({count} ranges in the ledger)")
+    context.update_cursor(marker)
+    return RunRequest(run_key=f"dbt|{marker}")
