@@ -1,0 +1,73 @@
+-- The line items of each distinct OrderCreated event, one row per line, enriched with the product
+-- catalog. A view over order_events: always consistent with it, and nothing to keep incremental.
+
+{{ config(materialized='view') }}
+
+with
+
+order_created_events as (
+
+    select
+        event_id,
+        order_id,
+        customer_id,
+        currency,
+        event_at,
+        items
+
+    from {{ ref('order_events') }}
+    where event_type = 'OrderCreated'
+
+),
+
+lines as (
+
+    select
+        order_created_events.event_id,
+        order_created_events.order_id,
+        order_created_events.customer_id,
+        order_created_events.currency,
+        order_created_events.event_at as ordered_at,
+        line.position::integer as line_number,
+        line.item ->> 'sku' as sku,
+        case
+            when jsonb_typeof(line.item -> 'qty') = 'number' then (line.item ->> 'qty')::numeric
+        end as qty,
+        {{ json_numeric("line.item -> 'unit_price'") }} as unit_price
+
+    from order_created_events
+    cross join lateral jsonb_array_elements(order_created_events.items)
+        with ordinality as line (item, position)
+
+),
+
+products as (
+
+    select * from {{ ref('products') }}
+
+),
+
+enriched as (
+
+    select
+        lines.event_id,
+        lines.order_id,
+        lines.line_number,
+        lines.customer_id,
+        lines.ordered_at,
+        lines.sku,
+        products.name as product_name,
+        products.category as product_category,
+        lines.qty,
+        lines.unit_price,
+        products.unit_price as list_price,
+        lines.currency,
+        lines.qty * lines.unit_price as line_total
+
+    from lines
+    left join products
+        on lines.sku = products.sku
+
+)
+
+select * from enriched

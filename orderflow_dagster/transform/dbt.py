@@ -1,0 +1,240 @@
+"""The dbt project (`dbt_project/`) as Dagster assets, and a headless way to run it.
+
+- `orderflow_dbt_project`: the `DbtProject`. Under `dagster dev` the manifest is parsed at start-up
+  (`prepare_if_dev`), and in a source checkout whenever it is missing or older than a project
+  file. Deployments build it beforehand:
+  `dagster-dbt project prepare-and-package --file orderflow_dagster/transform/dbt.py`, or simply
+  `dbt parse --project-dir dbt_project --profiles-dir dbt_project` (no database needed).
+- `orderflow_dbt_models`: every model, seed and test of the project as one `@dbt_assets`
+  definition running `dbt build`; dbt tests are asset checks.
+- `run_dbt_build`: `dbt build` as a subprocess, for `orderflow catch-up` and the tests.
+
+dbt's profile (`dbt_project/profiles.yml`) reads ORDERFLOW_PG_* variables and
+DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD; `dbt_env_from_dsn` derives them from ORDERFLOW_POSTGRES_DSN.
+"""
+
+# No `from __future__ import annotations`: Dagster inspects the asset function's annotations.
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetExecutionContext, AssetKey
+from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
+    DbtCliResource,
+    DbtProject,
+    dbt_assets,
+)
+
+from orderflow_dagster.settings import repo_root
+
+DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
+DSN_ENV_VAR = "ORDERFLOW_POSTGRES_DSN"
+# The asset, defined by the landing code, whose materializations write raw.order_events and, in
+# the same transaction, raw.ingest_ledger.
+RAW_ORDER_EVENTS_KEY = AssetKey(["raw_order_events"])
+# How much of dbt's output a failed `run_dbt_build` quotes in its exception.
+OUTPUT_TAIL_LINES = 60
+
+
+def dbt_executable() -> str:
+    """The dbt installed next to this Python (the venv's), else the first dbt on PATH."""
+    beside_python = Path(sys.executable).parent / "dbt"
+    if beside_python.exists():
+        return str(beside_python)
+    on_path = shutil.which("dbt")
+    if on_path is None:
+        raise RuntimeError(f"dbt is not installed: no {beside_python} and no dbt on PATH")
+    return on_path
+
+
+def _put_dbt_on_path() -> None:
+    # DbtProject.prepare_if_dev() runs a DbtCliResource with the default executable "dbt", which it
+    # looks up on PATH; `.venv/bin/dagster dev` without an activated venv would not find it.
+    if shutil.which("dbt") is None:
+        directory = str(Path(dbt_executable()).parent)
+        os.environ["PATH"] = os.pathsep.join([directory, os.environ.get("PATH", "")])
+
+
+def _manifest_is_stale(project: DbtProject) -> bool:
+    """No manifest, or (in a source checkout) a project file edited after it was written."""
+    if not project.manifest_path.exists():
+        return True
+    if repo_root() is None:  # an installed package: trust the manifest it ships
+        return False
+    written = project.manifest_path.stat().st_mtime
+    sources = [project.project_dir / "dbt_project.yml", project.project_dir / "profiles.yml"]
+    for directory in ("models", "macros", "seeds", "tests", "snapshots", "analyses"):
+        sources += (project.project_dir / directory).rglob("*")
+    return any(
+        path.suffix in {".sql", ".yml", ".yaml", ".csv"} and path.stat().st_mtime > written
+        for path in sources
+    )
+
+
+orderflow_dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+_put_dbt_on_path()
+orderflow_dbt_project.prepare_if_dev()
+if _manifest_is_stale(orderflow_dbt_project):
+    # Not prepared at build time (a fresh checkout, the tests) or edited since: parse now, a few
+    # seconds, rather than fail to import or load outdated assets. Deployments ship the manifest
+    # (see the module docstring).
+    orderflow_dbt_project.preparer.prepare(orderflow_dbt_project)
+
+
+class OrderflowDbtTranslator(DagsterDbtTranslator):
+    """Asset keys, groups and upstream mapping for the orderflow dbt project.
+
+    - Both dbt sources, raw.order_events and raw.ingest_ledger, map to the landing asset
+      `raw_order_events`: one materialization of it writes the rows and their ledger entry in the
+      same transaction, so they are one asset, not two (a separate `raw_ingest_ledger` key would be
+      an asset nothing materializes).
+    - Models and seeds are keyed by their bare name (`order_status`, `stg_order_events`,
+      `customers`): stable whatever schema ORDERFLOW_ANALYTICS_SCHEMA selects.
+    - Groups: staging models and the seeds -> "staging", marts -> "marts".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            settings=DagsterDbtTranslatorSettings(
+                enable_asset_checks=True, enable_duplicate_source_asset_keys=True
+            )
+        )
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> AssetKey:
+        resource_type = dbt_resource_props["resource_type"]
+        if resource_type == "source" and dbt_resource_props["source_name"] == "raw":
+            return RAW_ORDER_EVENTS_KEY
+        if resource_type in ("model", "seed", "snapshot"):
+            return AssetKey([dbt_resource_props["name"]])
+        return super().get_asset_key(dbt_resource_props)
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        if dbt_resource_props["resource_type"] == "seed":
+            return "staging"
+        fqn = dbt_resource_props.get("fqn", [])
+        if "staging" in fqn:
+            return "staging"
+        if "marts" in fqn:
+            return "marts"
+        return super().get_group_name(dbt_resource_props)
+
+
+def dbt_env_from_dsn(dsn: str) -> dict[str, str]:
+    """The variables dbt's profile reads, from a Postgres DSN.
+
+    Accepts URIs (postgresql://user:pass@host:port/db?sslmode=require) and key=value strings;
+    percent-escapes are decoded. A missing port means 5432, a missing dbname the user's name (as
+    libpq does), a missing password the empty string (trust or .pgpass auth).
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception as exc:  # psycopg raises ProgrammingError for a malformed DSN
+        raise ValueError(f"not a valid Postgres DSN: {exc}") from None
+    user = params.get("user")
+    if not user:
+        raise ValueError("the Postgres DSN names no user")
+    host = str(params.get("host") or "localhost")
+    if "," in host:
+        raise ValueError("multi-host Postgres DSNs are not supported by dbt-postgres")
+    env = {
+        "ORDERFLOW_PG_HOST": host,
+        "ORDERFLOW_PG_PORT": str(params.get("port") or "5432"),
+        "ORDERFLOW_PG_USER": str(user),
+        "DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD": str(params.get("password") or ""),
+        "ORDERFLOW_PG_DATABASE": str(params.get("dbname") or user),
+    }
+    if params.get("sslmode"):
+        env["ORDERFLOW_PG_SSLMODE"] = str(params["sslmode"])
+    return env
+
+
+def _dbt_env(dsn: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if dsn:
+        env.update(dbt_env_from_dsn(dsn))
+    env.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+    env.setdefault("DBT_USE_COLORS", "false")
+    return env
+
+
+def build_args(
+    *,
+    full_refresh: bool = False,
+    select: str | Sequence[str] | None = None,
+    dbt_vars: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The arguments after `dbt` for a `dbt build` of this project."""
+    args = ["build", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    if full_refresh:
+        args.append("--full-refresh")
+    if select:
+        args += ["--select", *([select] if isinstance(select, str) else select)]
+    if dbt_vars:
+        import json
+
+        args += ["--vars", json.dumps(dict(dbt_vars))]
+    return args
+
+
+def run_dbt_build(
+    dsn: str,
+    *,
+    full_refresh: bool = False,
+    select: str | Sequence[str] | None = None,
+    dbt_vars: Mapping[str, Any] | None = None,
+) -> None:
+    """Run `dbt build` (seeds, models, tests) against the database of `dsn`; raise on failure.
+
+    Blocks until dbt exits. Other settings (ORDERFLOW_ANALYTICS_SCHEMA, ...) come from the
+    environment. Artifacts and logs go to dbt_project/target/run_dbt_build, apart from the
+    target/ Dagster loads its manifest from.
+    """
+    target = DBT_PROJECT_DIR / "target" / "run_dbt_build"
+    env = _dbt_env(dsn) | {"DBT_TARGET_PATH": str(target), "DBT_LOG_PATH": str(target)}
+    command = [
+        dbt_executable(),
+        *build_args(full_refresh=full_refresh, select=select, dbt_vars=dbt_vars),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=DBT_PROJECT_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        tail = "\n".join(result.stdout.splitlines()[-OUTPUT_TAIL_LINES:])
+        raise RuntimeError(
+            f"dbt build failed (exit code {result.returncode}); the end of its output:\n{tail}"
+        )
+
+
+@dbt_assets(
+    manifest=orderflow_dbt_project.manifest_path,
+    dagster_dbt_translator=OrderflowDbtTranslator(),
+    project=orderflow_dbt_project,
+    name="orderflow_dbt",
+)
+def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+    """`dbt build` of the selected models, seeds and tests, streamed as Dagster events."""
+    dsn = os.environ.get(DSN_ENV_VAR)
+    if dsn:
+        # dagster-dbt passes this process's environment to dbt and also opens its own adapter
+        # connection from the profile, so the profile's variables must be in os.environ.
+        os.environ.update(dbt_env_from_dsn(dsn))
+    yield from dbt.cli(["build"], context=context).stream()
+
+
+def dbt_resource() -> DbtCliResource:
+    """The `dbt` resource `orderflow_dbt_models` needs."""
+    return DbtCliResource(project_dir=orderflow_dbt_project, dbt_executable=dbt_executable())

@@ -1,0 +1,601 @@
+"""The dbt project against a real Postgres, checked row for row against tests/oracle.py.
+
+Needs the fixture `postgres_dsn` (tests/conftest.py): a DSN to a database these tests may use. Each
+database test resets the raw, staging and analytics schemas in it, applies the landing schema,
+inserts raw rows and runs `dbt build` through `run_dbt_build`, as `orderflow catch-up` does.
+
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from oracle import (
+    ORDER_STATUS_COLUMNS,
+    ORDER_STATUS_HISTORY_COLUMNS,
+    distinct_events,
+    expected_conflicts,
+    expected_order_status,
+    expected_order_status_history,
+    landed,
+    read_customers_csv,
+)
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from orderflow_dagster.transform.dbt import DBT_PROJECT_DIR, dbt_env_from_dsn, run_dbt_build
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_SQL = REPO / "orderflow_dagster" / "land" / "sql" / "schema.sql"
+CUSTOMERS = read_customers_csv(DBT_PROJECT_DIR / "seeds" / "customers.csv")
+ANALYTICS = "orderflow_marts_test"  # exercises ORDERFLOW_ANALYTICS_SCHEMA
+STAGING = "orderflow_staging_test"
+TOPIC = "orders.events"
+PARTITIONS = 4
+BASE_LANDED_AT = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+BASE_EVENT_MS = 1_709_294_400_000
+
+
+# ---------------------------------------------------------------------------------------------
+# dbt_env_from_dsn (pure)
+
+
+def test_dbt_env_from_uri_dsn() -> None:
+    env = dbt_env_from_dsn("postgresql://orderflow:s3cr%40t@db.example:15432/orders")
+    assert env == {
+        "ORDERFLOW_PG_HOST": "db.example",
+        "ORDERFLOW_PG_PORT": "15432",
+        "ORDERFLOW_PG_USER": "orderflow",
+        "DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD": "s3cr@t",
+        "ORDERFLOW_PG_DATABASE": "orders",
+    }
+
+
+def test_dbt_env_from_dsn_defaults_and_options() -> None:
+    env = dbt_env_from_dsn("postgres://alice@localhost?sslmode=require")
+    assert env == {
+        "ORDERFLOW_PG_HOST": "localhost",
+        "ORDERFLOW_PG_PORT": "5432",
+        "ORDERFLOW_PG_USER": "alice",
+        "DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD": "",
+        "ORDERFLOW_PG_DATABASE": "alice",
+        "ORDERFLOW_PG_SSLMODE": "require",
+    }
+    keyword_form = dbt_env_from_dsn("host=10.0.0.5 port=6543 user=bob password='a b' dbname=x")
+    assert keyword_form["ORDERFLOW_PG_HOST"] == "10.0.0.5"
+    assert keyword_form["ORDERFLOW_PG_PORT"] == "6543"
+    assert keyword_form["DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD"] == "a b"
+    assert keyword_form["ORDERFLOW_PG_DATABASE"] == "x"
+
+
+@pytest.mark.parametrize(
+    "dsn", ["postgresql://db.example:5432/x", "not a dsn", "postgresql://u@a,b/x"]
+)
+def test_dbt_env_from_dsn_rejects(dsn: str) -> None:
+    with pytest.raises(ValueError):
+        dbt_env_from_dsn(dsn)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Dagster wiring (reads the manifest only)
+
+
+def test_dagster_assets_keys_groups_and_checks() -> None:
+    from dagster import AssetKey
+
+    from orderflow_dagster.transform import orderflow_dbt_models
+
+    specs = {spec.key: spec for spec in orderflow_dbt_models.specs}
+    raw = AssetKey(["raw_order_events"])
+    marts = ["order_events", "order_status", "order_status_history", "event_id_conflicts"]
+    for name in marts:
+        assert specs[AssetKey([name])].group_name == "marts"
+    for name in ["stg_order_events", "stg_ingest_ledger", "customers", "products"]:
+        assert specs[AssetKey([name])].group_name == "staging"
+    # both raw tables are written by the one landing asset, defined elsewhere
+    assert raw not in specs
+    assert {dep.asset_key for dep in specs[AssetKey(["stg_order_events"])].deps} == {raw}
+    assert {dep.asset_key for dep in specs[AssetKey(["stg_ingest_ledger"])].deps} == {raw}
+    assert {dep.asset_key for dep in specs[AssetKey(["order_status"])].deps} == {
+        AssetKey(["order_events"])
+    }
+    checks = {(check.asset_key, check.name) for check in orderflow_dbt_models.check_specs}
+    order_status = AssetKey(["order_status"])
+    assert (order_status, "unique_order_status_order_id") in checks
+    assert (order_status, "order_status_one_row_per_order") in checks
+    assert (order_status, "order_status_matches_last_event") in checks
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle itself (pure)
+
+
+def test_oracle_first_landed_copy_wins_and_status_ignores_arrival() -> None:
+    created = _envelope("ord-1", "OrderCreated", 1000, {"customer_id": "cust-0001"}, version=1)
+    delivered = _envelope("ord-1", "OrderDelivered", 3000, {"signed_by": None})
+    shipped = _envelope("ord-1", "ItemShipped", 2000, {"carrier": "DHL"})
+    late = BASE_LANDED_AT + timedelta(minutes=1)
+    records = [
+        landed(created, topic=TOPIC, kafka_partition=1, kafka_offset=5, landed_at=late),
+        landed(delivered, topic=TOPIC, kafka_partition=0, kafka_offset=1, landed_at=BASE_LANDED_AT),
+        landed(shipped, topic=TOPIC, kafka_partition=0, kafka_offset=2, landed_at=late),
+        # the same event_id landed earlier on another partition, with other content: it wins
+        landed(
+            {**created, "payload": {"customer_id": "cust-0002"}},
+            topic=TOPIC,
+            kafka_partition=3,
+            kafka_offset=9,
+            landed_at=BASE_LANDED_AT,
+        ),
+    ]
+    assert distinct_events(records)[created["event_id"]]["kafka_partition"] == 3
+    [row] = expected_order_status(records, CUSTOMERS)
+    assert row["status"] == "delivered"
+    assert row["customer_id"] == "cust-0002"
+    assert row["channel"] == "web"
+    assert row["event_count"] == 3
+    assert expected_conflicts(records) == {created["event_id"]: (2, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# dbt against Postgres
+
+
+@pytest.fixture
+def dbt_dsn(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """postgres_dsn's database holding the landing schema and nothing else."""
+    monkeypatch.setenv("ORDERFLOW_ANALYTICS_SCHEMA", ANALYTICS)
+    monkeypatch.setenv("ORDERFLOW_STAGING_SCHEMA", STAGING)
+    _reset_schemas(postgres_dsn)  # in case the database is shared with earlier tests
+    yield postgres_dsn
+    _reset_schemas(postgres_dsn, recreate=False)
+
+
+def test_incremental_rounds_match_oracle_and_full_refresh(dbt_dsn: str) -> None:
+    """Several landing rounds, each followed by an incremental build: after every build the marts
+    equal the oracle over everything landed so far; a full refresh then changes nothing."""
+    batches = scenario(seed=7, n_orders=80)
+    assert len(batches) > 40, "the scenario should span more than the lookback window"
+    rounds = [batches[:15], batches[15:22], batches[22:23], batches[23:]]
+    landed_so_far: list[dict[str, Any]] = []
+    for round_batches in rounds:
+        for batch in round_batches:
+            insert_records(dbt_dsn, batch)
+            landed_so_far += batch
+        run_dbt_build(dbt_dsn)
+        assert_marts_match_oracle(dbt_dsn, landed_so_far)
+
+    run_dbt_build(dbt_dsn)  # nothing new: nothing changes
+    assert_marts_match_oracle(dbt_dsn, landed_so_far)
+    incremental = snapshot_marts(dbt_dsn)
+
+    run_dbt_build(dbt_dsn, full_refresh=True)
+    assert_marts_match_oracle(dbt_dsn, landed_so_far)
+    assert snapshot_marts(dbt_dsn) == incremental
+
+    # the scenario covers what it claims to
+    statuses = {
+        row["status"] for row in fetch(dbt_dsn, f"select status from {ANALYTICS}.order_status")
+    }
+    assert statuses == {"created", "paid", "shipped", "delivered", "cancelled"}
+    headless = fetch(
+        dbt_dsn, f"select count(*) as n from {ANALYTICS}.order_status where customer_id is null"
+    )
+    assert headless[0]["n"] > 0
+    conflicts = fetch(dbt_dsn, f"select * from {ANALYTICS}.event_id_conflicts")
+    assert len(conflicts) > 0
+    [twin] = fetch(
+        dbt_dsn,
+        f"select kafka_partition from {ANALYTICS}.order_events where order_id = 'ord-7-twin'",
+    )
+    assert twin["kafka_partition"] == 1
+    channels = fetch(dbt_dsn, f"select distinct channel from {ANALYTICS}.order_events")
+    assert {"web", "mobile"} <= {row["channel"] for row in channels}
+
+
+def test_late_commit_inside_lookback_is_picked_up(dbt_dsn: str) -> None:
+    """A landing transaction that started before rows already modelled, but committed after the
+    last build, is read by the next incremental build as long as it is within landing_lookback;
+    an older one needs a wider lookback (or a full refresh)."""
+    landed_so_far = [record for batch in scenario(seed=11, n_orders=20) for record in batch]
+    newest = max(record["landed_at"] for record in landed_so_far)
+    offsets = next_offsets(landed_so_far)
+    created = _envelope("ord-late", "OrderCreated", BASE_EVENT_MS, {"customer_id": "cust-0007"})
+    first_seen = landed(
+        created,
+        topic=TOPIC,
+        kafka_partition=2,
+        kafka_offset=offsets.take(2),
+        landed_at=newest + timedelta(minutes=1),
+    )
+    landed_so_far.append(first_seen)
+    insert_records(dbt_dsn, landed_so_far)
+    run_dbt_build(dbt_dsn)
+    assert_marts_match_oracle(dbt_dsn, landed_so_far)
+
+    # Committed after that build, by transactions that started before first_seen's: another
+    # version of its event (so it becomes the winner) and a cancellation of its order.
+    late = first_seen["landed_at"] - timedelta(minutes=5)
+    late_version = landed(
+        {**created, "payload": {**created["payload"], "order_total": "1.23"}},
+        topic=TOPIC,
+        kafka_partition=0,
+        kafka_offset=offsets.take(0),
+        landed_at=late,
+    )
+    cancel = landed(
+        _envelope("ord-late", "OrderCancelled", BASE_EVENT_MS + 1, {"reason": "late"}),
+        topic=TOPIC,
+        kafka_partition=1,
+        kafka_offset=offsets.take(1),
+        landed_at=late,
+    )
+    insert_records(dbt_dsn, [late_version, cancel])
+    landed_so_far += [late_version, cancel]
+    run_dbt_build(dbt_dsn)
+    assert_marts_match_oracle(dbt_dsn, landed_so_far)
+    [row] = fetch(
+        dbt_dsn,
+        f"select status, order_total from {ANALYTICS}.order_status where order_id = 'ord-late'",
+    )
+    assert row == {"status": "cancelled", "order_total": Decimal("1.23")}
+
+    # Two hours behind: outside the default 15 minutes, so an incremental build misses it...
+    too_late = landed(
+        _envelope("ord-too-late", "OrderCreated", BASE_EVENT_MS, {"customer_id": "cust-0001"}),
+        topic=TOPIC,
+        kafka_partition=2,
+        kafka_offset=offsets.take(2),
+        landed_at=first_seen["landed_at"] - timedelta(hours=2),
+    )
+    insert_records(dbt_dsn, [too_late])
+    run_dbt_build(dbt_dsn)
+    assert "ord-too-late" not in order_ids(dbt_dsn)
+    # ...a build with a wider lookback (or a full refresh) picks it up.
+    landed_so_far.append(too_late)
+    run_dbt_build(dbt_dsn, dbt_vars={"landing_lookback": "3 hours"})
+    assert_marts_match_oracle(dbt_dsn, landed_so_far)
+
+
+def test_run_dbt_build_failure_quotes_dbt_output() -> None:
+    with pytest.raises(RuntimeError, match="dbt build failed") as failure:
+        run_dbt_build("postgresql://nobody@127.0.0.1:9/nowhere", select="stg_ingest_ledger")
+    assert "port 9 failed" in str(failure.value)
+
+
+@pytest.mark.slow
+def test_dagster_materializes_dbt_assets(dbt_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The @dbt_assets definition runs `dbt build` with the DSN from ORDERFLOW_POSTGRES_DSN."""
+    from dagster import AssetCheckSeverity, AssetKey, materialize
+
+    from orderflow_dagster.transform import dbt_resource, orderflow_dbt_models
+
+    records = [record for batch in scenario(seed=3, n_orders=5) for record in batch]
+    insert_records(dbt_dsn, records)
+    monkeypatch.setenv("ORDERFLOW_POSTGRES_DSN", dbt_dsn)
+    for name, value in dbt_env_from_dsn(dbt_dsn).items():
+        monkeypatch.setenv(name, value)  # the asset sets them; undo that after the test
+    result = materialize([orderflow_dbt_models], resources={"dbt": dbt_resource()})
+    assert result.success
+    materialized = {event.asset_key for event in result.get_asset_materialization_events()}
+    assert AssetKey(["order_status"]) in materialized
+    failed = {
+        check.check_name
+        for check in result.get_asset_check_evaluations()
+        if not check.passed and check.severity == AssetCheckSeverity.ERROR
+    }
+    assert not failed
+    # cust-9999 (order 4 of the scenario) is not in the seed: a warning, not a failure
+    warned = {
+        check.check_name for check in result.get_asset_check_evaluations() if not check.passed
+    }
+    assert warned == {
+        "relationships_order_status_customer_id__customer_id__ref_customers_",
+        "relationships_order_events_customer_id__customer_id__ref_customers_",
+    }
+    assert_marts_match_oracle(dbt_dsn, records)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def assert_marts_match_oracle(dsn: str, records: Sequence[Mapping[str, Any]]) -> None:
+    columns = ", ".join(ORDER_STATUS_COLUMNS)
+    actual = fetch(dsn, f"select {columns} from {ANALYTICS}.order_status order by order_id")
+    expected = expected_order_status(records, CUSTOMERS)
+    assert len(actual) == len(expected)
+    for actual_row, expected_row in zip(actual, expected, strict=True):
+        assert actual_row == expected_row, actual_row["order_id"]
+
+    columns = ", ".join(ORDER_STATUS_HISTORY_COLUMNS)
+    actual = fetch(
+        dsn,
+        f"select {columns} from {ANALYTICS}.order_status_history"
+        " order by order_id, sequence_number",
+    )
+    assert actual == expected_order_status_history(records)
+
+    winners = {
+        event_id: (record["topic"], record["kafka_partition"], record["kafka_offset"])
+        for event_id, record in distinct_events(records).items()
+    }
+    actual_winners = {
+        row["event_id"]: (row["topic"], row["kafka_partition"], row["kafka_offset"])
+        for row in fetch(
+            dsn,
+            f"select event_id, topic, kafka_partition, kafka_offset from {ANALYTICS}.order_events",
+        )
+    }
+    assert actual_winners == winners
+
+    conflicts = {
+        row["event_id"]: (row["copies"], row["distinct_versions"])
+        for row in fetch(
+            dsn, f"select event_id, copies, distinct_versions from {ANALYTICS}.event_id_conflicts"
+        )
+    }
+    assert conflicts == expected_conflicts(records)
+
+
+def snapshot_marts(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every mart's rows, sorted, without the columns that record when dbt wrote them."""
+    snapshot = {}
+    for table in ["order_events", "order_status", "order_status_history", "event_id_conflicts"]:
+        rows = fetch(dsn, f"select * from {ANALYTICS}.{table}")
+        snapshot[table] = sorted(
+            tuple(
+                repr(value)
+                for column, value in row.items()
+                if column not in ("transformed_at", "updated_at")
+            )
+            for row in rows
+        )
+    return snapshot
+
+
+def order_ids(dsn: str) -> set[str]:
+    return {row["order_id"] for row in fetch(dsn, f"select order_id from {ANALYTICS}.order_status")}
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic landings
+
+
+def scenario(*, seed: int, n_orders: int) -> list[list[dict[str, Any]]]:
+    """Landing transactions (lists of landed records), one minute apart, in landing order.
+
+    Covers: full lifecycles, cancellations (before and after payment), repeated shipments,
+    events sharing a timestamp, orders whose OrderCreated never lands, v1 and v2 OrderCreated,
+    unknown payload fields, money as numbers and strings, an unknown customer, identical copies on
+    several partitions (also in one transaction), conflicting copies landing first or later, and
+    events arriving out of event-time order.
+    """
+    rng = random.Random(seed)
+    copies: list[dict[str, Any]] = []
+    for n in range(n_orders):
+        order_id = f"ord-{seed}-{n:04d}"
+        for envelope in order_lifecycle(rng, order_id, n):
+            copies.append(envelope)
+            if rng.random() < 0.3:  # producer retry or replay: an identical copy
+                copies.append(dict(envelope))
+            if rng.random() < 0.1:  # a conflicting version of the same event_id
+                changed = {**envelope, "payload": {**envelope["payload"], "note": f"v{n}"}}
+                copies.append(changed)
+    rng.shuffle(copies)  # arrival order is not event order
+
+    offsets = PartitionOffsets()
+    batches = []
+    position = 0
+    while position < len(copies):
+        size = rng.randint(1, 8)
+        landed_at = BASE_LANDED_AT + timedelta(minutes=len(batches))
+        batch = []
+        for envelope in copies[position : position + size]:
+            partition = rng.randrange(PARTITIONS)
+            batch.append(
+                landed(
+                    envelope,
+                    topic=TOPIC,
+                    kafka_partition=partition,
+                    kafka_offset=offsets.take(partition),
+                    landed_at=landed_at,
+                    trace_id=f"trace-{rng.randrange(10**6)}" if rng.random() < 0.7 else None,
+                )
+            )
+        batches.append(batch)
+        position += size
+    # two copies of a new event in one transaction, on two partitions: the lower partition wins
+    twin = _envelope(
+        f"ord-{seed}-twin", "OrderCreated", BASE_EVENT_MS, {"customer_id": "cust-0001"}
+    )
+    landed_at = BASE_LANDED_AT + timedelta(minutes=len(batches))
+    batches.append(
+        [
+            landed(
+                twin,
+                topic=TOPIC,
+                kafka_partition=3,
+                kafka_offset=offsets.take(3),
+                landed_at=landed_at,
+            ),
+            landed(
+                twin,
+                topic=TOPIC,
+                kafka_partition=1,
+                kafka_offset=offsets.take(1),
+                landed_at=landed_at,
+            ),
+        ]
+    )
+    return batches
+
+
+def order_lifecycle(rng: random.Random, order_id: str, n: int) -> list[dict[str, Any]]:
+    kind = [
+        ["OrderCreated", "PaymentProcessed", "ItemShipped", "OrderDelivered"],
+        ["OrderCreated", "OrderCancelled"],
+        ["OrderCreated", "PaymentProcessed", "OrderCancelled"],
+        ["OrderCreated", "PaymentProcessed"],
+        ["OrderCreated"],
+        ["OrderCreated", "PaymentProcessed", "ItemShipped", "ItemShipped", "OrderDelivered"],
+        ["PaymentProcessed", "ItemShipped"],  # OrderCreated never lands
+    ][n % 7]
+    timestamp = BASE_EVENT_MS + n * 3_600_000
+    envelopes = []
+    for event_type in kind:
+        if rng.random() > 0.2:  # else: the same millisecond as the previous event
+            timestamp += rng.randint(1, 120_000)
+        envelopes.append(
+            _envelope(order_id, event_type, timestamp, payload_for(rng, event_type, n), rng=rng)
+        )
+    return envelopes
+
+
+def payload_for(rng: random.Random, event_type: str, n: int) -> dict[str, Any]:
+    cents = rng.randint(100, 99_999)
+    money: Any = cents / 100 if rng.random() < 0.5 else f"{cents // 100}.{cents % 100:02d}"
+    if event_type == "OrderCreated":
+        payload: dict[str, Any] = {
+            "customer_id": "cust-9999" if n == 4 else f"cust-{rng.randint(1, 500):04d}",
+            "order_total": money,
+            "currency": rng.choice(["EUR", "USD"]),
+            "items": [
+                {
+                    "sku": f"SKU-{rng.randint(1, 200):04d}",
+                    "qty": rng.randint(1, 3),
+                    "unit_price": 9.5,
+                }
+                for _ in range(rng.randint(1, 3))
+            ],
+        }
+        if rng.random() < 0.3:
+            payload["loyalty_tier"] = "gold"  # unknown field, ignored
+        return payload
+    if event_type == "PaymentProcessed":
+        return {
+            "payment_id": f"pay-{rng.randrange(10**6)}",
+            "amount": money,
+            "currency": "EUR",
+            "method": rng.choice(["card", "paypal"]),
+        }
+    if event_type == "ItemShipped":
+        return {
+            "shipment_id": f"shp-{rng.randrange(10**6)}",
+            "carrier": "DHL",
+            "tracking_number": str(rng.randrange(10**9)),
+        }
+    if event_type == "OrderDelivered":
+        return {"signed_by": rng.choice([None, "A. Person"])}
+    return {"reason": rng.choice(["customer_request", "payment_failed"])}
+
+
+def _envelope(
+    order_id: str,
+    event_type: str,
+    timestamp: int,
+    payload: dict[str, Any],
+    *,
+    version: int | None = None,
+    rng: random.Random | None = None,
+) -> dict[str, Any]:
+    rng = rng or random.Random(f"{order_id}/{event_type}/{timestamp}")
+    if version is None:
+        version = rng.choice([1, 2]) if event_type == "OrderCreated" else 1
+    if event_type == "OrderCreated" and version == 2:
+        payload = {**payload, "channel": rng.choice(["web", "mobile", "store"])}
+    return {
+        "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "aggregate_id": order_id,
+        "event_type": event_type,
+        "payload": payload,
+        "timestamp": timestamp,
+        "schema_version": version,
+    }
+
+
+def _strip(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope of a landed record."""
+    keys = ("event_id", "aggregate_id", "event_type", "payload", "timestamp", "schema_version")
+    return {key: record[key] for key in keys}
+
+
+class PartitionOffsets:
+    def __init__(self, start: Mapping[int, int] | None = None) -> None:
+        self.next = dict(start or {})
+
+    def take(self, partition: int) -> int:
+        offset = self.next.get(partition, 0)
+        self.next[partition] = offset + 1
+        return offset
+
+
+def next_offsets(records: Sequence[Mapping[str, Any]]) -> PartitionOffsets:
+    start: dict[int, int] = {}
+    for record in records:
+        start[record["kafka_partition"]] = max(
+            start.get(record["kafka_partition"], 0), record["kafka_offset"] + 1
+        )
+    return PartitionOffsets(start)
+
+
+# ---------------------------------------------------------------------------------------------
+# database helpers
+
+
+def insert_records(dsn: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Land records as the landing code would, but with the landed_at they carry."""
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.executemany(
+            """
+            insert into raw.order_events (
+                topic, kafka_partition, kafka_offset, event_id, aggregate_id, event_type,
+                schema_version, event_ts_ms, payload, trace_id, landed_at, run_id
+            ) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            [
+                (
+                    record["topic"],
+                    record["kafka_partition"],
+                    record["kafka_offset"],
+                    record["event_id"],
+                    record["aggregate_id"],
+                    record["event_type"],
+                    record["schema_version"],
+                    record["timestamp"],
+                    Jsonb(record["payload"]),
+                    record.get("trace_id"),
+                    record["landed_at"],
+                    "test",
+                )
+                for record in records
+            ],
+        )
+
+
+def fetch(dsn: str, query: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        rows = conn.execute(query, params).fetchall()
+    return [
+        {key: str(value) if isinstance(value, uuid.UUID) else value for key, value in row.items()}
+        for row in rows
+    ]
+
+
+def _reset_schemas(dsn: str, *, recreate: bool = True) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for schema in ["raw", STAGING, ANALYTICS]:
+            conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(schema)))
+        if recreate:
+            conn.execute(SCHEMA_SQL.read_text())
