@@ -8,7 +8,6 @@ inserts raw rows and runs `dbt build` through `run_dbt_build`, as `orderflow cat
 
 from __future__ import annotations
 
-import os
 import random
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,7 +33,6 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from orderflow_dagster.transform.dbt import DBT_PROJECT_DIR, dbt_env_from_dsn, run_dbt_build
-
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_SQL = REPO / "orderflow_dagster" / "land" / "sql" / "schema.sql"
