@@ -46,12 +46,16 @@ def launches(
     return out
 
 
-def dbt_build_decision(ledger_marker: str, cursor: str | None, dbt_in_progress: bool) -> str | None:
+def dbt_build_decision(
+    ledger_ranges: int, ledger_marker: str, cursor: str | None, dbt_in_progress: bool
+) -> str | None:
     """None: request a dbt build now; otherwise why not.
 
     One build covers every range landed since the previous one, so a burst of ranges costs one
     build, not one per range; none starts while one runs (incremental models must not race).
     """
+    if ledger_ranges == 0:
+        return "nothing landed yet"
     if ledger_marker == (cursor or ""):
         return "no range landed since the last dbt build"
     if dbt_in_progress:

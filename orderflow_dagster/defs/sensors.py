@@ -86,6 +86,8 @@ dbt_job = define_asset_job(
     "orderflow_dbt_job",
     selection=AssetSelection.groups("staging", "marts"),
     description="dbt build of the staging and mart models, with their tests as asset checks.",
+    # deploy/dagster.yaml limits runs with this tag to one, so landing keeps its run slots
+    tags={"orderflow/stage": "dbt"},
 )
 
 
@@ -110,7 +112,7 @@ def dbt_after_landing_sensor(
         ),
         limit=1,
     )
-    reason = dbt_build_decision(marker, context.cursor, dbt_in_progress=bool(running))
+    reason = dbt_build_decision(count, marker, context.cursor, dbt_in_progress=bool(running))
     if reason is not None:
         return SkipReason(f"{reason} ({count} ranges in the ledger)")
     context.update_cursor(marker)
