@@ -46,6 +46,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+from orderflow_dagster.contract.upcast import upcast
+
 STATUS_BY_EVENT_TYPE = {
     "OrderCreated": "created",
     "PaymentProcessed": "paid",
@@ -241,8 +243,9 @@ def _events_by_order(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Map
 
 def _typed(event: Mapping[str, Any]) -> dict[str, Any]:
     """The fields order_status reads from an OrderCreated, upcast to the latest schema."""
-    payload = event["payload"]
-    channel = "web" if event["schema_version"] == 1 else _text(payload.get("channel"))
+    # the library's upcasters, so dbt's SQL upcasting is checked against them
+    _, payload = upcast(event["event_type"], event["schema_version"], event["payload"])
+    channel = _text(payload.get("channel"))
     return {
         "customer_id": _text(payload.get("customer_id")),
         "order_total": _money(payload.get("order_total")),

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from orderflow_dagster.contract import registry
+
 
 class Reason:
     """The fixed set of dead-letter reason codes (documented in docs/dead-letters.md)."""
@@ -46,36 +48,8 @@ class Rejection:
     detail: str
 
 
-_NUMBER = (int, float)
-_STRING = (str,)
-_OPT_STRING = (str, type(None))
-_LIST = (list,)
-
-# Required payload fields and their JSON types, per (event_type, schema_version). Readers ignore
-# unknown fields, so extra keys are allowed; a version only ever adds fields.
-_ORDER_CREATED_V1 = {
-    "customer_id": _STRING,
-    "order_total": _NUMBER,
-    "currency": _STRING,
-    "items": _LIST,
-}
-PAYLOAD_FIELDS: dict[tuple[str, int], dict[str, tuple[type, ...]]] = {
-    ("OrderCreated", 1): _ORDER_CREATED_V1,
-    ("OrderCreated", 2): {**_ORDER_CREATED_V1, "channel": _STRING},
-    ("PaymentProcessed", 1): {
-        "payment_id": _STRING,
-        "amount": _NUMBER,
-        "currency": _STRING,
-        "method": _STRING,
-    },
-    ("ItemShipped", 1): {"shipment_id": _STRING, "carrier": _STRING, "tracking_number": _STRING},
-    ("OrderDelivered", 1): {"signed_by": _OPT_STRING},
-    ("OrderCancelled", 1): {"reason": _STRING},
-}
-SUPPORTED_VERSIONS: dict[str, frozenset[int]] = {}
-for _event_type, _version in PAYLOAD_FIELDS:
-    SUPPORTED_VERSIONS.setdefault(_event_type, frozenset())
-    SUPPORTED_VERSIONS[_event_type] |= {_version}
+# Which (event_type, schema_version) exist and what their payloads must hold: the registry.
+SUPPORTED_VERSIONS = registry.SUPPORTED_VERSIONS
 
 ENVELOPE_FIELDS = (
     "event_id",
@@ -104,19 +78,6 @@ class Event:
     timestamp_ms: int
     payload_json: str
     trace_id: str | None
-
-
-def _payload_violation(event_type: str, version: int, payload: object) -> str | None:
-    if type(payload) is not dict:
-        return f"payload must be an object, got {type(payload).__name__}"
-    for field, types in PAYLOAD_FIELDS[(event_type, version)].items():
-        if field not in payload:
-            return f"payload.{field} is required for {event_type} v{version}"
-        value = payload[field]
-        if type(value) not in types:
-            expected = "/".join("null" if t is type(None) else t.__name__ for t in types)
-            return f"payload.{field} must be {expected}, got {type(value).__name__}"
-    return None
 
 
 def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
@@ -167,7 +128,12 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
             f"{event_type} schema_version {version!r:.40} is not one of {sorted(versions)}",
         )
     payload = obj["payload"]
-    violation = _payload_violation(event_type, version, payload)
+    if type(payload) is not dict:
+        return Rejection(
+            Reason.PAYLOAD_SCHEMA_VIOLATION,
+            f"payload must be an object, got {type(payload).__name__}",
+        )
+    violation = registry.payload_violation(event_type, version, payload)
     if violation is not None:
         return Rejection(Reason.PAYLOAD_SCHEMA_VIOLATION, violation)
 
