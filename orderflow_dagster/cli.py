@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "orderflow_dagster.stack.manager",
     "orderflow_dagster.ingest.produce_cli",
     "orderflow_dagster.serve.catch_up",
+    "orderflow_dagster.serve.dlq",
 )
 
 

@@ -1,5 +1,6 @@
 """Envelope validation and COPY escaping: pure unit tests."""
 
+import json
 import uuid
 
 import orjson
@@ -91,3 +92,25 @@ def test_copy_text_escapes_the_characters_copy_treats_specially():
     assert copy_text("a\tb\nc\\d\re") == "a\\tb\\nc\\\\d\\re"
     assert copy_text(None) == "\\N"
     assert copy_json('{"a":"x\\"y"}') == '{"a":"x\\\\"y"}'
+
+
+def test_integers_beyond_64_bits_are_kept_exactly():
+    big = 123456789012345678901234567890
+    raw = envelope(
+        payload={"payment_id": "p", "amount": big, "currency": "EUR", "method": "card", "ref": -big}
+    )
+    event = parse_event(raw, max_bytes=MAX)
+    assert isinstance(event, Event)
+    assert f'"amount":{big}' in event.payload_json and f'"ref":{-big}' in event.payload_json
+
+
+def test_a_number_beyond_double_range_is_dead_lettered_as_invalid_json():
+    raw = envelope().replace(b'"amount":10.5', b'"amount":1e400')
+    result = parse_event(raw, max_bytes=MAX)
+    assert isinstance(result, Rejection) and result.reason == Reason.INVALID_JSON
+
+
+def test_duplicate_json_keys_keep_the_last_value_like_jsonb():
+    raw = envelope().replace(b'"method":"card"', b'"method":"card","method":"cash"')
+    event = parse_event(raw, max_bytes=MAX)
+    assert isinstance(event, Event) and orjson.loads(event.payload_json)["method"] == "cash"

@@ -1,6 +1,9 @@
 """The landing asset: one dynamic partition per Kafka offset range."""
 
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     Backoff,
     DynamicPartitionsDefinition,
@@ -26,6 +29,26 @@ TRANSIENT_RETRY = RetryPolicy(
 )
 
 
+DEAD_LETTER_RATE_CHECK = "dead_letter_rate"
+
+
+def dead_letter_rate_check(result: LandingResult, max_share: float) -> AssetCheckResult:
+    """Warn (not fail: poison never blocks the stream) when a range holds too much poison."""
+    share = result.dead_letters / result.messages_read if result.messages_read else 0.0
+    return AssetCheckResult(
+        check_name=DEAD_LETTER_RATE_CHECK,
+        passed=share <= max_share,
+        severity=AssetCheckSeverity.WARN,
+        description=f"{result.dead_letters} of {result.messages_read} records of {result.range} "
+        f"were dead-lettered ({share:.2%}; threshold {max_share:.2%})",
+        metadata={
+            "dead_letters": result.dead_letters,
+            "share": round(share, 6),
+            "threshold": max_share,
+        },
+    )
+
+
 def landing_metadata(result: LandingResult) -> dict[str, object]:
     rng = result.range
     return {
@@ -49,6 +72,14 @@ def landing_metadata(result: LandingResult) -> dict[str, object]:
     group_name="ingest",
     retry_policy=TRANSIENT_RETRY,
     kinds={"kafka", "postgres"},
+    check_specs=[
+        AssetCheckSpec(
+            DEAD_LETTER_RATE_CHECK,
+            asset="raw_order_events",
+            description="share of the range's records dead-lettered, against "
+            "ORDERFLOW_MAX_DEAD_LETTER_SHARE",
+        )
+    ],
     description="Kafka records of one offset range, landed exactly once into raw.order_events "
     "(poison into raw.dead_letters) in one transaction with its raw.ingest_ledger row.",
 )
@@ -79,4 +110,7 @@ def raw_order_events(
         f"landed {rng}: {result.rows_landed} rows, {result.dead_letters} dead letters, "
         f"{result.already_landed} already landed, {result.events_per_second:.0f} events/s"
     )
-    return MaterializeResult(metadata=landing_metadata(result))
+    return MaterializeResult(
+        metadata=landing_metadata(result),
+        check_results=[dead_letter_rate_check(result, landing.max_dead_letter_share)],
+    )

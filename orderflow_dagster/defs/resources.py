@@ -1,5 +1,6 @@
 """Typed resources, wired once from the environment in `resources_from_env`."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,6 +57,8 @@ class LandingSettings(ConfigurableResource):
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # a failed range is re-requested only after this long, so Dagster's own run retries go first
     retry_grace_seconds: int = 30
+    # the dead_letter_rate asset check warns above this share of a range
+    max_dead_letter_share: float = 0.05
 
 
 def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
@@ -79,5 +82,6 @@ def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
                 "ORDERFLOW_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
             retry_grace_seconds=settings.env_int("ORDERFLOW_RETRY_GRACE_SECONDS", 30),
+            max_dead_letter_share=float(os.environ.get("ORDERFLOW_MAX_DEAD_LETTER_SHARE") or 0.05),
         ),
     }

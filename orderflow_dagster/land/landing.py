@@ -39,7 +39,12 @@ EVENT_COLUMNS = (
 DEAD_LETTER_COLUMNS = (
     "topic, kafka_partition, kafka_offset, key, value, headers, reason, detail, kafka_ts_ms, run_id"
 )
+AUDIT_COLUMNS = (
+    "topic, kafka_partition, kafka_offset, event_id, outcome, reason, run_id, partition_key,"
+    " trace_id"
+)
 COPY_EVENTS = f"copy raw.order_events ({EVENT_COLUMNS}) from stdin"
+COPY_AUDIT = f"copy audit.ingest_log ({AUDIT_COLUMNS}) from stdin"
 COPY_DEAD_LETTERS = f"copy raw.dead_letters ({DEAD_LETTER_COLUMNS}) from stdin"
 
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
@@ -93,14 +98,16 @@ def _trace_id(event: Event, headers: list[tuple[str, bytes | None]] | None) -> s
 
 
 class _Batch:
-    """COPY lines of one chunk, for raw.order_events and raw.dead_letters."""
+    """COPY lines of one chunk, for raw.order_events, raw.dead_letters and audit.ingest_log."""
 
     def __init__(self, rng: OffsetRange, run_id: str, max_message_bytes: int) -> None:
         self.prefix = f"{copy_text(rng.topic)}\t{rng.partition}\t"
         self.suffix = f"\t{copy_text(run_id)}\n"
+        self.audit_suffix = f"\t{copy_text(run_id)}\t{copy_text(rng.key)}"
         self.max_message_bytes = max_message_bytes
         self.events: list[str] = []
         self.dead: list[str] = []
+        self.audit: list[str] = []
 
     def add(self, msg: Message) -> None:
         event = parse_event(msg.value(), max_bytes=self.max_message_bytes)
@@ -110,19 +117,27 @@ class _Batch:
         kafka_ts = str(ts) if ts_type and ts >= 0 else NULL
         headers_text = copy_json(_headers_json(headers)) if headers else NULL
         if type(event) is Event:
-            trace = _trace_id(event, headers)
+            trace = copy_text(_trace_id(event, headers))
             self.events.append(
                 f"{self.prefix}{msg.offset()}\t{event.event_id}\t{copy_text(event.aggregate_id)}"
                 f"\t{event.event_type}\t{event.schema_version}\t{event.timestamp_ms}"
                 f"\t{copy_json(event.payload_json)}"
                 f"\t{NULL if key is None else copy_text(_decode_lossless(key))}"
-                f"\t{headers_text}\t{copy_text(trace)}\t{kafka_ts}{self.suffix}"
+                f"\t{headers_text}\t{trace}\t{kafka_ts}{self.suffix}"
+            )
+            self.audit.append(
+                f"{self.prefix}{msg.offset()}\t{event.event_id}\tlanded\t{NULL}"
+                f"{self.audit_suffix}\t{trace}\n"
             )
         else:
             self.dead.append(
                 f"{self.prefix}{msg.offset()}\t{copy_bytea(key)}\t{copy_bytea(msg.value())}"
                 f"\t{headers_text}\t{event.reason}\t{copy_text(_decode_lossless(event.detail.encode()))}"
                 f"\t{kafka_ts}{self.suffix}"
+            )
+            self.audit.append(
+                f"{self.prefix}{msg.offset()}\t{NULL}\tdead_lettered\t{event.reason}"
+                f"{self.audit_suffix}\t{NULL}\n"
             )
 
     def __len__(self) -> int:
@@ -137,8 +152,12 @@ class _Batch:
         if self.dead:
             with cur.copy(COPY_DEAD_LETTERS) as copy:
                 copy.write("".join(self.dead))
+        if self.audit:
+            with cur.copy(COPY_AUDIT) as copy:
+                copy.write("".join(self.audit))
         self.events.clear()
         self.dead.clear()
+        self.audit.clear()
         return counts
 
 

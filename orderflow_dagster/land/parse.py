@@ -6,6 +6,7 @@ with `type(x) is ...`, one orjson dump of the payload, and escaping only when a 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ ENVELOPE_FIELDS = (
     "timestamp",
     "schema_version",
 )
+# a run of 20+ digits may be an integer beyond 64 bits (or just a long string: harmless)
+_LONG_DIGITS = re.compile(rb"\d{20,}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # an escaped NUL that is not itself an escaped backslash followed by "u0000"
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -90,6 +93,11 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         return Rejection(Reason.INVALID_JSON, str(exc))
+    big_integers = _LONG_DIGITS.search(value) is not None
+    if big_integers:
+        # orjson turns integers beyond 64 bits into floats; the standard library keeps them
+        # exact, so a huge number lands literally (jsonb numeric holds it). Rare, so slow is fine.
+        obj = json.loads(value)
     if type(obj) is not dict:
         return Rejection(Reason.NOT_AN_OBJECT, f"envelope is a JSON {type(obj).__name__}")
     missing = [f for f in ENVELOPE_FIELDS if f not in obj]
@@ -138,8 +146,12 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
         return Rejection(Reason.PAYLOAD_SCHEMA_VIOLATION, violation)
 
     try:
-        payload_json = orjson.dumps(payload).decode()
-    except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than orjson writes
+        if big_integers:
+            payload_json = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        else:
+            payload_json = orjson.dumps(payload).decode()
+    except (orjson.JSONEncodeError, RecursionError, ValueError) as exc:
+        # e.g. nesting deeper than the encoder writes
         return Rejection(Reason.UNSTORABLE_VALUE, f"payload cannot be re-encoded: {exc}")
     if "\\u0000" in payload_json and _JSON_NUL.search(payload_json):
         return Rejection(Reason.UNSTORABLE_VALUE, "payload contains \\u0000, which jsonb rejects")

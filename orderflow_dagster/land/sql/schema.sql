@@ -76,3 +76,37 @@ create table if not exists raw.ingest_plan (
 create index if not exists ingest_ledger_landed_at on raw.ingest_ledger (landed_at);
 -- BRIN: nearly free on the hot path (landed_at only grows), lets dbt read "what landed since".
 create index if not exists order_events_landed_at on raw.order_events using brin (landed_at);
+
+-- Replaying a dead letter after a fix lands it into raw.order_events under its own coordinates
+-- and marks it here; the row itself stays, as evidence.
+alter table raw.dead_letters add column if not exists replayed_at timestamptz;
+alter table raw.dead_letters add column if not exists replay_run_id text;
+
+-- The audit log: one row per record landed, dead-lettered or replayed, written in the same
+-- transaction as the landing. Append-only: the database refuses updates, deletes and truncates.
+create schema if not exists audit;
+
+create table if not exists audit.ingest_log (
+    logged_at        timestamptz not null default now(),
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    kafka_offset     bigint      not null,
+    event_id         uuid,
+    outcome          text        not null
+        check (outcome in ('landed', 'dead_lettered', 'replayed')),
+    reason           text,
+    run_id           text        not null,
+    partition_key    text        not null,
+    trace_id         text
+);
+
+create or replace function audit.refuse_change() returns trigger language plpgsql as $$
+begin
+    raise exception 'audit.ingest_log is append-only: % refused', tg_op
+        using errcode = 'insufficient_privilege';
+end
+$$;
+
+create or replace trigger ingest_log_append_only
+    before update or delete or truncate on audit.ingest_log
+    for each statement execute function audit.refuse_change();
