@@ -2,6 +2,8 @@
 
 `ORDERFLOW_CRASH_AT=after_db_commit_before_kafka_commit` makes the process SIGKILL itself the first
 time it reaches that point, the harshest way a process can die (no finally blocks, no atexit).
+`ORDERFLOW_PAUSE_AT=mid_copy:/tmp/flag` instead creates the file /tmp/flag there and waits until
+it is deleted, so a test can stop Kafka or Postgres at exactly that moment.
 Off by default and free when off: the environment is read once, at import.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 CRASH_POINTS = (
     "before_copy",
@@ -25,6 +29,19 @@ if _unknown:
     raise RuntimeError(f"ORDERFLOW_CRASH_AT names unknown crash points: {sorted(_unknown)}")
 
 
+_PAUSE_POINT, _, _PAUSE_FLAG = os.environ.get("ORDERFLOW_PAUSE_AT", "").partition(":")
+
+
 def crash_point(name: str) -> None:
     if _ACTIVE and name in _ACTIVE:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _PAUSE_POINT and name == _PAUSE_POINT:
+        _pause(Path(_PAUSE_FLAG))
+
+
+def _pause(flag: Path) -> None:
+    global _PAUSE_POINT
+    _PAUSE_POINT = ""  # once per process
+    flag.touch()
+    while flag.exists():
+        time.sleep(0.05)
