@@ -14,11 +14,13 @@ from types import TracebackType
 from typing import Any, Self
 
 from confluent_kafka import KafkaError, Message, Producer
+from opentelemetry.trace import SpanKind
 
 from orderflow_dagster import settings
 from orderflow_dagster.ingest.envelope import Event, encode, new_event
 from orderflow_dagster.ingest.errors import DeliveryError, FailedDelivery, OrderflowKafkaError
 from orderflow_dagster.ingest.kafka_config import producer_config
+from orderflow_dagster.tracing import tracer, with_trace_context
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,22 @@ class EventProducer:
         key: bytes | None = None,
         headers: Headers | None = None,
     ) -> str:
-        """Queue one envelope; returns its event_id. Delivery is confirmed only by `flush()`."""
+        """Queue one envelope; returns its event_id. Delivery is confirmed only by `flush()`.
+
+        The current trace context, if any, travels in a `traceparent` header."""
         event_key, value = encode(event)
-        self.produce_raw(value, event_key if key is None else key, partition, headers, topic=topic)
+        with tracer.start_as_current_span(
+            "orderflow.produce",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "orderflow.event_id": str(event["event_id"]),
+                "orderflow.event_type": str(event["event_type"]),
+            },
+        ):
+            headers = with_trace_context(headers)
+            self.produce_raw(
+                value, event_key if key is None else key, partition, headers, topic=topic
+            )
         return str(event["event_id"])
 
     def produce_raw(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import orjson
 import psycopg
 from confluent_kafka import Consumer, Message
+from opentelemetry.trace import SpanKind
 
 from orderflow_dagster.faults import crash_point
 from orderflow_dagster.land import kafka_source, store
@@ -31,6 +32,7 @@ from orderflow_dagster.land.parse import (
     parse_event,
 )
 from orderflow_dagster.land.ranges import OffsetRange, contiguous_end, uncovered
+from orderflow_dagster.tracing import tracer
 
 EVENT_COLUMNS = (
     "topic, kafka_partition, kafka_offset, event_id, aggregate_id, event_type, schema_version,"
@@ -172,6 +174,36 @@ def land_range(
     idle_timeout: float = 60.0,
 ) -> LandingResult:
     """Land `rng` and then commit Kafka's offsets. Safe to call any number of times."""
+    with tracer.start_as_current_span(
+        "orderflow.land_range",
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.destination.name": rng.topic,
+            "messaging.kafka.partition": rng.partition,
+            "orderflow.range": rng.key,
+        },
+    ) as span:
+        result = _land_range(
+            rng, conn, consumer, run_id, max_message_bytes, chunk_rows, idle_timeout
+        )
+        span.set_attributes(
+            {
+                "orderflow.rows_landed": result.rows_landed,
+                "orderflow.dead_letters": result.dead_letters,
+            }
+        )
+        return result
+
+
+def _land_range(
+    rng: OffsetRange,
+    conn: psycopg.Connection,
+    consumer: Consumer,
+    run_id: str,
+    max_message_bytes: int,
+    chunk_rows: int,
+    idle_timeout: float,
+) -> LandingResult:
     started = time.monotonic()
     messages = rows = dead = 0
     with conn.transaction():
