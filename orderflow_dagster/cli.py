@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "orderflow_dagster.ingest.produce_cli",
     "orderflow_dagster.serve.catch_up",
     "orderflow_dagster.serve.dlq",
+    "orderflow_dagster.serve.verify",
 )
 
 

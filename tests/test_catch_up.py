@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orderflow_dagster.land import kafka_source
 from tests.support import invariants
 from tests.test_landing import connections
 
@@ -85,3 +86,31 @@ def test_catch_up_killed_midway_finishes_on_the_next_run_without_duplicates(env,
         assert partial >= 3
         cli("catch-up", "--no-dbt", env=env_small)
         invariants(conn, consumer, topic, messages).assert_exactly_once()
+
+
+def test_verify_passes_after_catch_up_and_fails_when_kafka_is_ahead_of_the_ledger(env, topic):
+    cli("produce", "--orders", "100", "--quiet", env=env)
+    cli("catch-up", "--no-dbt", env=env)
+    ok = cli("verify", env=env)
+    assert "FAIL" not in ok.stdout and "lag   0" in ok.stdout
+    with connections(
+        env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"],
+        env["ORDERFLOW_POSTGRES_DSN"],
+        env["ORDERFLOW_CONSUMER_GROUP"],
+    ) as (conn, consumer):
+        end = conn.execute(
+            "select max(end_offset) from raw.ingest_ledger where kafka_partition = 0"
+        ).fetchone()[0]
+        kafka_source.commit(consumer, topic, {0: end + 5})  # an operator's mistake
+    bad = cli("verify", env=env, check=False)
+    assert bad.returncode == 1
+    assert "FAIL  Kafka never ahead of Postgres" in bad.stdout
+
+
+def test_verify_reports_gaps_and_overlaps_in_the_ledger():
+    from orderflow_dagster.serve.verify import ledger_gaps
+
+    assert ledger_gaps({0: [(0, 10), (10, 20)], 1: [(5, 9)]}) == {}
+    assert ledger_gaps({0: [(0, 10), (12, 20), (15, 30)]}) == {
+        0: ["gap [10, 12)", "overlap [15, 20)"]
+    }
