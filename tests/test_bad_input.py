@@ -223,3 +223,72 @@ def test_a_traceparent_header_travels_from_the_producer_to_order_status(
             (env["aggregate_id"],),
         ).fetchone()
     assert view_trace == trace_id
+
+
+def test_the_dead_letter_rate_check_warns_on_a_poison_heavy_range(landed, tmp_path):
+    from dagster import AssetCheckSeverity, DagsterInstance, materialize
+
+    from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
+    from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
+    from orderflow_dagster.land.ranges import OffsetRange
+
+    # re-materializing the already-landed range reports the rate of what it read: land the
+    # range again in a fresh database so the check sees every record
+    rng = OffsetRange(landed["topic"], 0, 0, landed["produced"])
+    with psycopg.connect(landed["dsn"], autocommit=True) as conn:
+        db = f"check_{uuid.uuid4().hex[:8]}"
+        conn.execute(psycopg.sql.SQL("create database {}").format(psycopg.sql.Identifier(db)))
+    dsn = psycopg.conninfo.make_conninfo(landed["dsn"], dbname=db)
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(offset_ranges.name, [rng.key])
+        result = materialize(
+            [raw_order_events],
+            partition_key=rng.key,
+            instance=instance,
+            resources={
+                "kafka": KafkaResource(
+                    bootstrap_servers=landed["bootstrap"],
+                    topic=landed["topic"],
+                    consumer_group="check-test",
+                ),
+                "postgres": PostgresResource(dsn=dsn),
+                "landing": LandingSettings(max_message_bytes=MAX_BYTES, max_dead_letter_share=0.05),
+            },
+        )
+    assert result.success  # poison never fails the batch
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "dead_letter_rate"
+    assert evaluation.passed is False and evaluation.severity == AssetCheckSeverity.WARN
+    assert evaluation.metadata["dead_letters"].value == len(POISON) + 1
+    materialization = result.asset_materializations_for_node("raw_order_events")[0]
+    assert materialization.metadata["rows_landed"].value == len(HOSTILE_BUT_VALID)
+
+
+def test_the_dlq_command_lists_shows_and_replays(landed):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "ORDERFLOW_POSTGRES_DSN": landed["dsn"],
+        "ORDERFLOW_TOPIC": landed["topic"],
+    }
+    orderflow = str(Path(sys.executable).parent / "orderflow")
+
+    def run(*args):
+        return subprocess.run(
+            [orderflow, "dlq", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    listed = run("list")
+    assert listed.returncode == 0
+    assert "unknown_event_type" in listed.stdout and "oversize" in listed.stdout
+    offset = list(POISON).index(Reason.NOT_AN_OBJECT)
+    shown = run("show", f"{landed['topic']}:0:{offset}")
+    assert shown.returncode == 0 and "not_an_object" in shown.stdout
+    assert repr(POISON[Reason.NOT_AN_OBJECT]) in shown.stdout
+    replayed = run("replay", "--reason", Reason.NOT_AN_OBJECT)
+    assert replayed.returncode == 0
+    assert "replayed 0; still invalid 1" in replayed.stdout
