@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from dagster import DagsterInstance, materialize
+from psycopg import sql
 
 from orderflow_dagster import settings
 
@@ -29,6 +30,7 @@ class CatchUpReport:
     dead_letters: int = 0
     seconds: float = 0.0
     modelled: bool = False
+    orders: int | None = None
 
     def lines(self, topic: str) -> list[str]:
         return [
@@ -39,6 +41,7 @@ class CatchUpReport:
             f"lag:          {self.lag}",
             f"ranges:       {self.ranges_landed} landed this run, {self.failed} failed",
             f"dbt models:   {'built' if self.modelled else 'not run'}",
+            f"orders:       {'-' if self.orders is None else self.orders} in order_status",
             f"took:         {self.seconds:.1f}s",
         ]
 
@@ -109,6 +112,11 @@ def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
             " (select count(*) from raw.dead_letters where topic = %s)",
             (kafka.topic, kafka.topic),
         ).fetchone()
+        schema = os.environ.get("ORDERFLOW_ANALYTICS_SCHEMA") or "analytics"
+        if report.modelled:
+            report.orders = conn.execute(
+                sql.SQL("select count(*) from {}.order_status").format(sql.Identifier(schema))
+            ).fetchone()[0]
     report.seconds = time.monotonic() - started
     return report
 
