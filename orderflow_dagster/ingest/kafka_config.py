@@ -108,6 +108,9 @@ def consumer_config(
         # librdkafka's default of 1000 ms makes the consumer idle a full second whenever
         # processing is slower than fetching and the queue briefly fills up.
         "fetch.queue.backoff.ms": 10,
+        # A landing consumer re-assigns at each range; a fetch parked at the log end for the
+        # default 500 ms would delay every range near the head of the log by that much.
+        "fetch.wait.max.ms": 10,
         "queued.max.messages.kbytes": CONSUMER_QUEUE_KBYTES,
     }
     return _merge(

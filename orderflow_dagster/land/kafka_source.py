@@ -96,9 +96,13 @@ def read_span(
     """
     consumer.assign([TopicPartition(topic, partition, start)])
     last_progress = time.monotonic()
+    next_offset = start
     try:
         while True:
-            messages = consumer.consume(num_messages=batch_size, timeout=0.5)
+            # ask only for what the span still needs: librdkafka's batch consume otherwise
+            # waits out the timeout for records past the span's end
+            wanted = max(1, min(batch_size, end - next_offset))
+            messages = consumer.consume(num_messages=wanted, timeout=0.5)
             out: list[Message] = []
             done = False
             for msg in messages:
@@ -125,6 +129,7 @@ def read_span(
                 # below turns a lasting outage into a failure
             if out:
                 last_progress = time.monotonic()
+                next_offset = out[-1].offset() + 1
                 yield out
             if done:
                 return

@@ -41,12 +41,7 @@ EVENT_COLUMNS = (
 DEAD_LETTER_COLUMNS = (
     "topic, kafka_partition, kafka_offset, key, value, headers, reason, detail, kafka_ts_ms, run_id"
 )
-AUDIT_COLUMNS = (
-    "topic, kafka_partition, kafka_offset, event_id, outcome, reason, run_id, partition_key,"
-    " trace_id"
-)
 COPY_EVENTS = f"copy raw.order_events ({EVENT_COLUMNS}) from stdin"
-COPY_AUDIT = f"copy audit.ingest_log ({AUDIT_COLUMNS}) from stdin"
 COPY_DEAD_LETTERS = f"copy raw.dead_letters ({DEAD_LETTER_COLUMNS}) from stdin"
 
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
@@ -100,16 +95,15 @@ def _trace_id(event: Event, headers: list[tuple[str, bytes | None]] | None) -> s
 
 
 class _Batch:
-    """COPY lines of one chunk, for raw.order_events, raw.dead_letters and audit.ingest_log."""
+    """Builds COPY lines: events for the open COPY stream, dead letters buffered beside it."""
 
     def __init__(self, rng: OffsetRange, run_id: str, max_message_bytes: int) -> None:
         self.prefix = f"{copy_text(rng.topic)}\t{rng.partition}\t"
         self.suffix = f"\t{copy_text(run_id)}\n"
-        self.audit_suffix = f"\t{copy_text(run_id)}\t{copy_text(rng.key)}"
         self.max_message_bytes = max_message_bytes
         self.events: list[str] = []
         self.dead: list[str] = []
-        self.audit: list[str] = []
+        self.rows = 0  # event rows handed to COPY so far
 
     def add(self, msg: Message) -> None:
         event = parse_event(msg.value(), max_bytes=self.max_message_bytes)
@@ -119,48 +113,39 @@ class _Batch:
         kafka_ts = str(ts) if ts_type and ts >= 0 else NULL
         headers_text = copy_json(_headers_json(headers)) if headers else NULL
         if type(event) is Event:
-            trace = copy_text(_trace_id(event, headers))
+            aggregate = copy_text(event.aggregate_id)
+            if key is None:
+                key_text = NULL
+            elif key == event.aggregate_id.encode():
+                key_text = aggregate  # the usual case: keyed by order
+            else:
+                key_text = copy_text(_decode_lossless(key))
             self.events.append(
-                f"{self.prefix}{msg.offset()}\t{event.event_id}\t{copy_text(event.aggregate_id)}"
+                f"{self.prefix}{msg.offset()}\t{event.event_id}\t{aggregate}"
                 f"\t{event.event_type}\t{event.schema_version}\t{event.timestamp_ms}"
-                f"\t{copy_json(event.payload_json)}"
-                f"\t{NULL if key is None else copy_text(_decode_lossless(key))}"
-                f"\t{headers_text}\t{trace}\t{kafka_ts}{self.suffix}"
-            )
-            self.audit.append(
-                f"{self.prefix}{msg.offset()}\t{event.event_id}\tlanded\t{NULL}"
-                f"{self.audit_suffix}\t{trace}\n"
+                f"\t{copy_json(event.payload_json)}\t{key_text}\t{headers_text}"
+                f"\t{copy_text(_trace_id(event, headers))}\t{kafka_ts}{self.suffix}"
             )
         else:
+            detail = copy_text(_decode_lossless(event.detail.encode()))
             self.dead.append(
                 f"{self.prefix}{msg.offset()}\t{copy_bytea(key)}\t{copy_bytea(msg.value())}"
-                f"\t{headers_text}\t{event.reason}\t{copy_text(_decode_lossless(event.detail.encode()))}"
-                f"\t{kafka_ts}{self.suffix}"
-            )
-            self.audit.append(
-                f"{self.prefix}{msg.offset()}\t{NULL}\tdead_lettered\t{event.reason}"
-                f"{self.audit_suffix}\t{NULL}\n"
+                f"\t{headers_text}\t{event.reason}\t{detail}\t{kafka_ts}{self.suffix}"
             )
 
-    def __len__(self) -> int:
-        return len(self.events) + len(self.dead)
+    def take_events(self) -> str:
+        text = "".join(self.events)
+        self.rows += len(self.events)
+        self.events.clear()
+        return text
 
-    def flush(self, cur: psycopg.Cursor) -> tuple[int, int]:
-        counts = (len(self.events), len(self.dead))
-        if self.events:
-            with cur.copy(COPY_EVENTS) as copy:
-                copy.write("".join(self.events))
-            crash_point("mid_copy")
-        if self.dead:
+    def flush_dead(self, cur: psycopg.Cursor) -> int:
+        count = len(self.dead)
+        if count:
             with cur.copy(COPY_DEAD_LETTERS) as copy:
                 copy.write("".join(self.dead))
-        if self.audit:
-            with cur.copy(COPY_AUDIT) as copy:
-                copy.write("".join(self.audit))
-        self.events.clear()
-        self.dead.clear()
-        self.audit.clear()
-        return counts
+            self.dead.clear()
+        return count
 
 
 def land_range(
@@ -215,20 +200,16 @@ def _land_range(
             gaps = uncovered(rng.start, rng.end, spans)
             already = rng.size - sum(e - s for s, e in gaps)
             crash_point("before_copy")
-            batch = _Batch(rng, run_id, max_message_bytes)
-            with conn.cursor() as cur:
-                for start, end in gaps:
-                    for msgs in kafka_source.read_span(
-                        consumer, rng.topic, rng.partition, start, end, idle_timeout=idle_timeout
-                    ):
-                        for msg in msgs:
-                            batch.add(msg)
-                        messages += len(msgs)
-                        if len(batch) >= chunk_rows:
-                            r, d = batch.flush(cur)
-                            rows, dead = rows + r, dead + d
-                r, d = batch.flush(cur)
-                rows, dead = rows + r, dead + d
+            messages, rows, dead = _stream_gaps(
+                cur_conn=conn,
+                consumer=consumer,
+                rng=rng,
+                gaps=gaps,
+                run_id=run_id,
+                max_message_bytes=max_message_bytes,
+                chunk_rows=chunk_rows,
+                idle_timeout=idle_timeout,
+            )
             store.record_landing(
                 conn,
                 store.LedgerEntry(
@@ -258,6 +239,78 @@ def _land_range(
         committed,
         int(marks[1]) if marks and marks[1] >= 0 else None,
     )
+
+
+def _stream_gaps(
+    *,
+    cur_conn: psycopg.Connection,
+    consumer: Consumer,
+    rng: OffsetRange,
+    gaps: list[tuple[int, int]],
+    run_id: str,
+    max_message_bytes: int,
+    chunk_rows: int,
+    idle_timeout: float,
+) -> tuple[int, int, int]:
+    """COPY the records of `gaps` in one streaming COPY per gap, so that Postgres ingests one
+    chunk while Python parses the next (a COPY statement per chunk would make them take turns).
+
+    Dead letters cannot share the stream; they are buffered and written between COPYs, the
+    stream being closed and reopened whenever the buffer reaches `chunk_rows`, so memory stays
+    bounded even for a range of nothing but poison. Returns (messages, rows, dead letters).
+    """
+    messages = dead = 0
+    batch = _Batch(rng, run_id, max_message_bytes)
+    with cur_conn.cursor() as cur:
+        for start, end in gaps:
+            spans = kafka_source.read_span(
+                consumer, rng.topic, rng.partition, start, end, idle_timeout=idle_timeout
+            )
+            exhausted = False
+            while not exhausted:
+                with cur.copy(COPY_EVENTS) as copy:
+                    for msgs in spans:
+                        for msg in msgs:
+                            batch.add(msg)
+                        messages += len(msgs)
+                        copy.write(batch.take_events())
+                        crash_point("mid_copy")
+                        if len(batch.dead) >= chunk_rows:
+                            break
+                    else:
+                        exhausted = True
+                dead += batch.flush_dead(cur)
+        # the audit log, one row per record, derived in the database from what was just written
+        # (no second stream of Python-formatted lines on the hot path)
+        for start, end in gaps:
+            cur.execute(
+                AUDIT_FROM_LANDING,
+                {
+                    "topic": rng.topic,
+                    "partition": rng.partition,
+                    "start": start,
+                    "end": end,
+                    "run_id": run_id,
+                    "key": rng.key,
+                },
+            )
+    return messages, batch.rows, dead
+
+
+AUDIT_FROM_LANDING = """
+insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id, outcome, reason,
+                              run_id, partition_key, trace_id)
+select topic, kafka_partition, kafka_offset, event_id, 'landed', null, run_id, %(key)s, trace_id
+from raw.order_events
+where topic = %(topic)s and kafka_partition = %(partition)s
+  and kafka_offset >= %(start)s and kafka_offset < %(end)s and run_id = %(run_id)s
+union all
+select topic, kafka_partition, kafka_offset, null, 'dead_lettered', reason, run_id, %(key)s, null
+from raw.dead_letters
+where topic = %(topic)s and kafka_partition = %(partition)s
+  and kafka_offset >= %(start)s and kafka_offset < %(end)s and run_id = %(run_id)s
+order by 3
+"""
 
 
 def origin(conn: psycopg.Connection, topic: str, partition: int) -> int | None:

@@ -5,6 +5,7 @@ All SQL takes values as parameters; the few dynamic names go through `psycopg.sq
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
@@ -23,11 +24,35 @@ def schema_sql() -> str:
     return resources.files("orderflow_dagster.land").joinpath("sql/schema.sql").read_text()
 
 
+def _applied(conn: psycopg.Connection, digest: str) -> bool:
+    if conn.execute("select to_regclass('raw.schema_applied')").fetchone()[0] is None:
+        return False
+    return conn.execute(
+        "select exists (select 1 from raw.schema_applied where digest = %s)", (digest,)
+    ).fetchone()[0]
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create the raw tables if missing; serialized, as concurrent CREATE IF NOT EXISTS races."""
+    """Apply schema.sql unless this exact version was applied already.
+
+    The check keeps DDL (and the table locks some of it takes, even when there is nothing to
+    do) off the path of every connection; applying is serialized, as concurrent
+    CREATE IF NOT EXISTS races.
+    """
+    text = schema_sql()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if _applied(conn, digest):
+        return
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s, 0)", (LOCK_PLANNING,))
-        conn.execute(schema_sql())
+        if _applied(conn, digest):
+            return
+        conn.execute(text)
+        conn.execute(
+            "create table if not exists raw.schema_applied (digest text primary key,"
+            " applied_at timestamptz not null default now())"
+        )
+        conn.execute("insert into raw.schema_applied (digest) values (%s)", (digest,))
 
 
 def lock_partition_for_landing(conn: psycopg.Connection, topic: str, partition: int) -> None:
