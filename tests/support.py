@@ -100,3 +100,25 @@ def table_checksums(conn: psycopg.Connection, topic: str) -> dict[str, tuple]:
 
 def kinds(outgoing: list[Outgoing]) -> Counter:
     return Counter(o.kind for o in outgoing)
+
+
+def wait_for_leaders(bootstrap: str, topic: str, timeout: float = 90.0) -> None:
+    """After a broker restart, wait until every partition of `topic` has a leader again (an
+    unclean restart re-elects them some seconds after the broker answers)."""
+    import time
+
+    from orderflow_dagster.ingest.errors import KafkaUnavailableError
+
+    consumer = kafka_source.open_consumer(bootstrap, "leader-probe")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                kafka_source.watermarks(consumer, topic, kafka_source.partitions(consumer, topic))
+                return
+            except KafkaUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        consumer.close()

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from orderflow_dagster.stack import manager
-from tests.support import invariants, produce_orders
+from tests.support import invariants, produce_orders, wait_for_leaders
 from tests.test_landing import GROUP, connections, land_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +136,7 @@ def test_kafka_dying_mid_batch_leaves_nothing_and_the_batch_lands_after_restart(
     assert result.returncode != 0, result.stderr[-3000:]
     assert "KafkaUnavailableError" in result.stderr, result.stderr[-2000:]
     kafka.start()
+    wait_for_leaders(info.bootstrap_servers, topic)
     with connections(info.bootstrap_servers, info.dsn) as (conn, consumer):
         # a range that was fully read before the broker died may have committed in
         # Postgres; what matters is that no range is in Postgres in part
