@@ -330,3 +330,70 @@ def test_dagster_ui_shows_the_raw_order_events_asset(
         assert (width, height) == (1400, 900)
         assert distinct > 32, "the screenshot is blank"
         print(f"screenshot of {page}: {screenshot}")
+
+
+@pytest.mark.slow
+def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_nothing(
+    kafka_bootstrap, postgres_dsn, topic, tmp_path
+):
+    import os
+    import signal
+
+    outgoing = produce_orders(kafka_bootstrap, topic, ORDERS, duplicate_rate=0.1, poison_rate=0.05)
+    home = make_dagster_home(tmp_path / "dagster_home")
+    group = f"orderflow-kill-{uuid.uuid4().hex[:8]}"
+    env = orderflow_env(
+        dagster_home=home,
+        bootstrap_servers=kafka_bootstrap,
+        dsn=postgres_dsn,
+        topic=topic,
+        consumer_group=group,
+        extra={
+            "ORDERFLOW_MAX_EVENTS_PER_BATCH": str(MAX_EVENTS_PER_BATCH),
+            "ORDERFLOW_MAX_INFLIGHT": str(MAX_INFLIGHT),
+            "ORDERFLOW_RETRY_GRACE_SECONDS": "20",
+        },
+    )
+    conn = psycopg.connect(postgres_dsn, autocommit=True)
+    consumer = kafka_source.open_consumer(kafka_bootstrap, group)
+    instance = DagsterInstance.from_config(str(home))
+
+    def planned() -> int:
+        if conn.execute("select to_regclass('raw.ingest_plan')").fetchone()[0] is None:
+            return 0
+        return conn.execute(
+            "select count(*) from raw.ingest_plan where topic = %s", (topic,)
+        ).fetchone()[0]
+
+    try:
+        with dagster_daemon(env, tmp_path / "logs-1") as daemon:
+            # SIGKILL the daemon and everything it started (run workers included) as soon as
+            # the sensor has planned ranges and asked for their runs: mid-tick or just after
+            wait_until(
+                lambda: planned() > 0 or None,
+                timeout_s=240,
+                interval_s=0.2,
+                what="the sensor's first plan",
+                watch=[daemon],
+            )
+            time.sleep(1.0)
+            os.killpg(daemon.pid, signal.SIGKILL)
+        with dagster_daemon(env, tmp_path / "logs-2") as daemon:
+            progress = Progress(conn, consumer, instance, topic, len(outgoing))
+            inv = wait_until(
+                progress.landed_everything,
+                timeout_s=LAND_TIMEOUT_S,
+                interval_s=2.0,
+                what=f"the restarted daemon to land all {len(outgoing)} messages of {topic}",
+                watch=[daemon],
+                describe=lambda: str(progress),
+            )
+        inv.assert_exactly_once()
+        rows = ledger(conn, topic)
+        keys = [key for key, *_ in rows]
+        assert len(keys) == len(set(keys))  # every range landed once
+        assert sum(r for _, _, r, _ in rows) == inv.raw_rows
+    finally:
+        consumer.close()
+        conn.close()
+        instance.dispose()
