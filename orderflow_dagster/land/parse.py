@@ -61,8 +61,8 @@ ENVELOPE_FIELDS = (
     "schema_version",
 )
 _ENVELOPE_FIELD_SET = frozenset(ENVELOPE_FIELDS)
-# a run of 20+ digits may be an integer beyond 64 bits (or just a long string: harmless)
-_LONG_DIGITS = re.compile(rb"\d{20,}")
+# a number written in exponent form (or a string that looks like one: harmless, only slower)
+_EXPONENT = re.compile(r"[0-9][eE][+-]?[0-9]")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # an escaped NUL that is not itself an escaped backslash followed by "u0000"
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -94,11 +94,6 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         return Rejection(Reason.INVALID_JSON, str(exc))
-    big_integers = _LONG_DIGITS.search(value) is not None
-    if big_integers:
-        # orjson turns integers beyond 64 bits into floats; the standard library keeps them
-        # exact, so a huge number lands literally (jsonb numeric holds it). Rare, so slow is fine.
-        obj = json.loads(value)
     if type(obj) is not dict:
         return Rejection(Reason.NOT_AN_OBJECT, f"envelope is a JSON {type(obj).__name__}")
     if not obj.keys() >= _ENVELOPE_FIELD_SET:
@@ -147,10 +142,13 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
         return Rejection(Reason.PAYLOAD_SCHEMA_VIOLATION, violation)
 
     try:
-        if big_integers:
-            payload_json = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        else:
-            payload_json = orjson.dumps(payload).decode()
+        payload_json = orjson.dumps(payload).decode()
+        if _EXPONENT.search(payload_json):
+            # orjson reads an integer beyond 64 bits as a float, which it writes in exponent
+            # form; the standard library keeps such integers exact, so a huge number lands
+            # literally (jsonb numeric holds it). Rare, so the slow path is fine here.
+            exact = json.loads(value)["payload"]
+            payload_json = json.dumps(exact, separators=(",", ":"), ensure_ascii=False)
     except (orjson.JSONEncodeError, RecursionError, ValueError) as exc:
         # e.g. nesting deeper than the encoder writes
         return Rejection(Reason.UNSTORABLE_VALUE, f"payload cannot be re-encoded: {exc}")
