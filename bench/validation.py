@@ -76,14 +76,11 @@ def main() -> None:
         without = best_of(args.repeat, messages)
     finally:
         registry.payload_violation = real
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+            platform.processor(),
+        )
     n = len(messages)
     print(
         f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, "
