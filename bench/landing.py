@@ -360,6 +360,19 @@ def read_records(bootstrap: str, topic: str) -> Iterator[tuple[int, list]]:
         consumer.close()
 
 
+def validation_row() -> tuple[str, str]:
+    """The schema registry's share of the per-event work, measured in this run (the rule: it
+    must not halve throughput)."""
+    from validation import measure  # bench/validation.py, beside this script
+
+    v = measure()
+    return (
+        "diagnostic: schema validation",
+        f"per-event work {v['with']:,.0f} events/s with it, {v['without']:,.0f} without"
+        f" (ratio {v['with'] / v['without']:.2f}; rule >= 0.5)",
+    )
+
+
 def build_copy_text(bootstrap: str, topic: str, run_id: str, chunk_rows: int = 5000) -> dict:
     """COPY text for every record of the topic, formatted exactly as the landing formats it,
     pre-encoded to bytes. Untimed for the baseline; the split between reading and formatting is
@@ -514,6 +527,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             "diagnostic: parse + format only",
             f"{rate(text['messages'], text['format_s']):,.0f} msg/s ({text['format_s']:.1f} s)",
         ),
+        validation_row(),
         (
             "diagnostic: landing process CPU",
             f"{land['cpu_s']:.1f} s CPU in {land['seconds']:.1f} s of landing"
