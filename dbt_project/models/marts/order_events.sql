@@ -70,15 +70,19 @@ landed_copies as (
 stored_winners as (
 
     select
-        event_id,
-        landed_at,
-        topic,
-        kafka_partition,
-        kafka_offset,
+        stored.event_id,
+        stored.landed_at,
+        stored.topic,
+        stored.kafka_partition,
+        stored.kafka_offset,
         true as is_stored
 
-    from {{ this }}
-    where event_id in (select event_id from landed_copies)
+    from (select distinct event_id from landed_copies) as slice_ids
+    cross join lateral (
+        select * from {{ this }} as stored_event
+        where stored_event.event_id = slice_ids.event_id
+        limit 1
+    ) as stored
 
 ),
 
@@ -130,6 +134,9 @@ winning_copies as (
         on stg_order_events.topic = new_winners.topic
         and stg_order_events.kafka_partition = new_winners.kafka_partition
         and stg_order_events.kafka_offset = new_winners.kafka_offset
+    {% if is_incremental() %}
+    where stg_order_events.landed_at >= (select min(landed_at) from landed_copies)
+    {% endif %}
 
 ),
 

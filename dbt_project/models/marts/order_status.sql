@@ -44,9 +44,18 @@ touched_orders as materialized (
 
 order_events as (
 
-    select * from {{ ref('order_events') }}
     {% if is_incremental() %}
-    where order_id in (select order_id from touched_orders)
+    -- one index probe per touched order; offset 0 keeps Postgres from turning this back into a
+    -- hash join that scans all of order_events
+    select touched_events.*
+    from touched_orders
+    cross join lateral (
+        select * from {{ ref('order_events') }} as all_events
+        where all_events.order_id = touched_orders.order_id
+        offset 0
+    ) as touched_events
+    {% else %}
+    select * from {{ ref('order_events') }}
     {% endif %}
 
 ),
