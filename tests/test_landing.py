@@ -69,6 +69,24 @@ def test_a_stream_with_duplicates_and_poison_lands_exactly_once(
         }
         assert stored == {o.value for o in poison}
     assert sum(r.rows_landed for r in results) == inv.raw_rows
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        outcomes = dict(
+            conn.execute(
+                "select outcome, count(*) from audit.ingest_log where topic = %s group by 1",
+                (topic,),
+            ).fetchall()
+        )
+        distinct = conn.execute(
+            "select count(distinct event_id) from raw.order_events where topic = %s", (topic,)
+        ).fetchone()[0]
+    # the audit log has one row per record: the first copy of each event_id landed, the
+    # copies after it flagged as duplicates, the poison dead-lettered
+    assert outcomes == {
+        "landed": distinct,
+        "duplicate": inv.raw_rows - distinct,
+        "dead_lettered": inv.dead_letters,
+    }
+    assert outcomes["duplicate"] == sum(o.kind == "duplicate" for o in outgoing) > 0
 
 
 def test_landing_the_same_partition_twice_leaves_identical_tables(

@@ -298,12 +298,27 @@ def _stream_gaps(
 
 
 AUDIT_FROM_LANDING = """
+with landed as (
+    select topic, kafka_partition, kafka_offset, event_id, run_id, trace_id
+    from raw.order_events
+    where topic = %(topic)s and kafka_partition = %(partition)s
+      and kafka_offset >= %(start)s and kafka_offset < %(end)s and run_id = %(run_id)s
+),
+firsts as (
+    insert into raw.event_first_seen (event_id, topic, kafka_partition, kafka_offset)
+    select distinct on (event_id) event_id, topic, kafka_partition, kafka_offset
+    from landed
+    order by event_id, kafka_offset
+    on conflict (event_id) do nothing
+    returning event_id, kafka_offset
+)
 insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id, outcome, reason,
                               run_id, partition_key, trace_id)
-select topic, kafka_partition, kafka_offset, event_id, 'landed', null, run_id, %(key)s, trace_id
-from raw.order_events
-where topic = %(topic)s and kafka_partition = %(partition)s
-  and kafka_offset >= %(start)s and kafka_offset < %(end)s and run_id = %(run_id)s
+select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
+       case when f.event_id is null then 'duplicate' else 'landed' end, null, l.run_id,
+       %(key)s, l.trace_id
+from landed l
+left join firsts f on f.event_id = l.event_id and f.kafka_offset = l.kafka_offset
 union all
 select topic, kafka_partition, kafka_offset, null, 'dead_lettered', reason, run_id, %(key)s, null
 from raw.dead_letters

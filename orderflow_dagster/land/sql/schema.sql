@@ -92,12 +92,25 @@ create table if not exists audit.ingest_log (
     kafka_partition  integer     not null,
     kafka_offset     bigint      not null,
     event_id         uuid,
-    outcome          text        not null
-        check (outcome in ('landed', 'dead_lettered', 'replayed')),
+    outcome          text        not null,
     reason           text,
     run_id           text        not null,
     partition_key    text        not null,
     trace_id         text
+);
+
+-- landed: the first copy of its event_id; duplicate: landed, but its event_id was landed before
+alter table audit.ingest_log drop constraint if exists ingest_log_outcome_check;
+alter table audit.ingest_log add constraint ingest_log_outcome_check
+    check (outcome in ('landed', 'duplicate', 'dead_lettered', 'replayed'));
+
+-- The first landed copy of every event_id, so the audit log can tell copies apart in the landing
+-- transaction. Narrow and written once per range, server-side (dbt still does the dedup).
+create table if not exists raw.event_first_seen (
+    event_id         uuid        primary key,
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    kafka_offset     bigint      not null
 );
 
 create or replace function audit.refuse_change() returns trigger language plpgsql as $$
