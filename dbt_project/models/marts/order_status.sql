@@ -23,42 +23,8 @@
 
 with
 
-{% if is_incremental() %}
-
-watermark as materialized (
-
-    select coalesce(max(updated_at), '-infinity'::timestamptz) as updated_since
-    from {{ this }}
-
-),
-
-touched_orders as materialized (
-
-    select distinct order_id
-    from {{ ref('order_events') }}
-    where transformed_at > (select updated_since from watermark)
-
-),
-
-{% endif %}
-
-order_events as (
-
-    {% if is_incremental() %}
-    -- one index probe per touched order; offset 0 keeps Postgres from turning this back into a
-    -- hash join that scans all of order_events
-    select touched_events.*
-    from touched_orders
-    cross join lateral (
-        select * from {{ ref('order_events') }} as all_events
-        where all_events.order_id = touched_orders.order_id
-        offset 0
-    ) as touched_events
-    {% else %}
-    select * from {{ ref('order_events') }}
-    {% endif %}
-
-),
+-- order_events: the events of the orders to recompute (see the macro)
+{{ touched_order_events() }},
 
 ranked_events as (
 
