@@ -64,15 +64,26 @@ class EventProducer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.flush()
-            return
-        # The body already failed: still try to deliver what was queued, but let the original
-        # exception propagate; a delivery problem on top of it is logged, not swallowed silently.
         try:
-            self.flush()
-        except OrderflowKafkaError as flush_error:
-            log.error("while handling %r, flushing the producer also failed: %s", exc, flush_error)
+            if exc_type is None:
+                self.flush()
+                return
+            # The body already failed: still try to deliver what was queued, but let the
+            # original exception propagate; a delivery problem on top of it is logged, not
+            # swallowed silently.
+            try:
+                self.flush()
+            except OrderflowKafkaError as flush_error:
+                log.error(
+                    "while handling %r, flushing the producer also failed: %s", exc, flush_error
+                )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the client now. The error callback refers back to this object, so without
+        this the librdkafka client (and its threads) would live until a garbage collection."""
+        self._producer = None
 
     # -- producing -------------------------------------------------------------------------------
 
@@ -127,6 +138,8 @@ class EventProducer:
         self._produce(topic or self.topic, kwargs)
 
     def _produce(self, topic: str, kwargs: dict[str, Any]) -> None:
+        if self._producer is None:
+            raise RuntimeError("this EventProducer is closed")
         while True:
             self._raise_if_fatal()
             try:
