@@ -69,6 +69,7 @@ from pathlib import Path
 
 import orjson
 import psycopg
+from _common import log, proc_field  # bench/_common.py, beside this script
 from psycopg import sql
 
 from orderflow_dagster.ingest.generator import Outgoing, generate
@@ -119,20 +120,7 @@ EVENT_COLUMNS = (
 )
 
 
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 # -- machine facts --------------------------------------------------------------------------------
-
-
-def _proc_field(path: str, name: str) -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path(path).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
-    return None
 
 
 def _version(package: str) -> str:
@@ -147,7 +135,7 @@ def load_average() -> str:
 
 
 def machine_facts(dsn: str) -> dict[str, str]:
-    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
+    mem_kb = proc_field("/proc/meminfo", "MemTotal")
     mem = f"{int(mem_kb.split()[0]) / 1024**2:.1f} GiB" if mem_kb else "unknown"
     with psycopg.connect(dsn, autocommit=True) as conn:
         pg = conn.execute("show server_version").fetchone()[0]
@@ -156,7 +144,7 @@ def machine_facts(dsn: str) -> dict[str, str]:
     return {
         "cores (os.cpu_count)": str(os.cpu_count()),
         "memory": mem,
-        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "postgresql server": f"{pg} (shared_buffers {shared_buffers}, work_mem {work_mem})",

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import confluent_kafka
 import psycopg
+from _common import log, proc_field  # bench/_common.py, beside this script
 from psycopg import sql
 
 from orderflow_dagster.ingest.generator import generate
@@ -85,31 +86,18 @@ CHILD_DSN_ENV = "ORDERFLOW_BENCH_CHILD_DSN"  # the DSN holds a password: not on 
 TARGET_RATIO = 0.6
 
 
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 # -- machine facts --------------------------------------------------------------------------------
 
 
-def _proc_field(path: str, name: str) -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path(path).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
-    return None
-
-
 def machine_facts(dsn: str) -> dict[str, str]:
-    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
+    mem_kb = proc_field("/proc/meminfo", "MemTotal")
     mem = f"{int(mem_kb.split()[0]) / 1024**2:.1f} GiB" if mem_kb else "unknown"
     with psycopg.connect(dsn, autocommit=True) as conn:
         pg = conn.execute("show server_version").fetchone()[0]
     return {
         "cores (os.cpu_count)": str(os.cpu_count()),
         "memory": mem,
-        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "postgresql server": pg,
@@ -145,7 +133,7 @@ def thread_schedstat() -> list[float]:
 
 
 def vm_status_kb(name: str) -> int:
-    value = _proc_field("/proc/self/status", name)
+    value = proc_field("/proc/self/status", name)
     return int(value.split()[0]) if value else 0
 
 

@@ -108,38 +108,37 @@ def land_with_fault(info, topic, tmp_path, on_pause) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_postgres_dying_mid_batch_leaves_nothing_and_the_batch_lands_after_restart(
-    faulty_stack, tmp_path
-):
-    cfg, info = faulty_stack
-    topic = fresh(cfg, info)
-    outgoing = produce_orders(info.bootstrap_servers, topic, 600, poison_rate=0.02)
-    postgres = cfg.postgres_server()
-    result = land_with_fault(info, topic, tmp_path, postgres.kill)
-    assert result.returncode != 0 and "psycopg" in result.stderr, result.stderr[-2000:]
-    postgres.start()
-    with connections(info.bootstrap_servers, info.dsn) as (conn, consumer):
-        # the interrupted transaction left nothing behind
-        assert_nothing_half_written(conn, topic)
-        land_all(conn, consumer, topic, max_events=100_000)
-        invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
+def _restart_postgres(cfg, info, topic) -> None:
+    cfg.postgres_server().start()
 
 
-def test_kafka_dying_mid_batch_leaves_nothing_and_the_batch_lands_after_restart(
-    faulty_stack, tmp_path
-):
-    cfg, info = faulty_stack
-    topic = fresh(cfg, info)
-    outgoing = produce_orders(info.bootstrap_servers, topic, 600, poison_rate=0.02)
-    kafka = cfg.kafka_broker()
-    result = land_with_fault(info, topic, tmp_path, kafka.kill)
-    assert result.returncode != 0, result.stderr[-3000:]
-    assert "KafkaUnavailableError" in result.stderr, result.stderr[-2000:]
-    kafka.start()
+def _restart_kafka(cfg, info, topic) -> None:
+    cfg.kafka_broker().start()
     wait_for_leaders(info.bootstrap_servers, topic)
+
+
+# service -> (how it dies, what the landing's error names, how it comes back)
+FAULTS = {
+    "postgres": (lambda cfg: cfg.postgres_server().kill, "psycopg", _restart_postgres),
+    "kafka": (lambda cfg: cfg.kafka_broker().kill, "KafkaUnavailableError", _restart_kafka),
+}
+
+
+@pytest.mark.parametrize("service", sorted(FAULTS))
+def test_a_service_dying_mid_batch_leaves_nothing_half_written_and_the_batch_lands_after_restart(
+    faulty_stack, tmp_path, service
+):
+    cfg, info = faulty_stack
+    kill, error_name, restart = FAULTS[service]
+    topic = fresh(cfg, info)
+    outgoing = produce_orders(info.bootstrap_servers, topic, 600, poison_rate=0.02)
+    result = land_with_fault(info, topic, tmp_path, kill(cfg))
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert error_name in result.stderr, result.stderr[-2000:]
+    restart(cfg, info, topic)
     with connections(info.bootstrap_servers, info.dsn) as (conn, consumer):
-        # a range that was fully read before the broker died may have committed in
-        # Postgres; what matters is that no range is in Postgres in part
+        # the interrupted transaction left nothing behind; a range fully read before Kafka died
+        # may have committed in Postgres, but no range is ever there in part
         assert_nothing_half_written(conn, topic)
         land_all(conn, consumer, topic, max_events=100_000)
         invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
