@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench stack-up stack-down clean
+.PHONY: install demo test test-fast fault-report lint format bench stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the fault suite alone, its summary table spliced into docs/reliability.md
+fault-report: install
+	ORDERFLOW_WRITE_FAULT_TABLE=1 $(BIN)/python -m pytest -q -m faults
 
 lint: install
 	$(BIN)/ruff check .

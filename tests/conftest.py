@@ -13,6 +13,7 @@ import pytest
 from psycopg import sql
 
 from orderflow_dagster.stack import manager
+from tests import fault_report as fault_table
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_HOME = Path(os.environ.get("ORDERFLOW_TEST_HOME", REPO / ".orderflow-test"))
@@ -60,3 +61,26 @@ def topic(kafka_bootstrap: str) -> str:
     name = f"orders.events.test-{uuid.uuid4().hex[:10]}"
     manager.ensure_topics(kafka_bootstrap, {name: 4})
     return name
+
+
+@pytest.fixture(scope="session")
+def fault_report() -> fault_table.FaultReport:
+    """The fault suite's summary table; fault tests add one trial each (tests/fault_report.py)."""
+    return fault_table.REPORT
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if fault_table.REPORT.trials:
+        terminalreporter.write_sep("=", "fault suite: lost and duplicated records per scenario")
+        terminalreporter.write_line(fault_table.REPORT.text())
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    report = fault_table.REPORT
+    if not report.trials:
+        return
+    caption = f"Latest run: {fault_table.machine()}, pytest exit status {int(exitstatus)}."
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    (TEST_HOME / "fault-report.md").write_text(f"{caption}\n\n{report.markdown()}")
+    if os.environ.get("ORDERFLOW_WRITE_FAULT_TABLE"):
+        fault_table.splice(REPO / "docs" / "reliability.md", report.markdown(), caption)

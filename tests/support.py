@@ -35,6 +35,15 @@ class Invariants:
     ledger_contiguous: bool
     ledger_ends: dict[int, int]
     committed: dict[int, int | None]
+    distinct_coordinates: int = 0  # records stored at least once, as a row or a dead letter
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.produced - self.distinct_coordinates)
+
+    @property
+    def duplicated(self) -> int:
+        return self.raw_rows + self.dead_letters - self.distinct_coordinates
 
     def assert_exactly_once(self) -> None:
         assert self.raw_rows + self.dead_letters == self.produced, self
@@ -49,13 +58,13 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
         " (select count(*) from raw.dead_letters where topic = %s)",
         (topic, topic),
     ).fetchone()
-    dupes = conn.execute(
-        "select count(*) from (select kafka_partition, kafka_offset from ("
+    dupes, distinct = conn.execute(
+        "select count(*) filter (where n > 1), count(*) from (select count(*) as n from ("
         " select kafka_partition, kafka_offset from raw.order_events where topic = %s"
         " union all select kafka_partition, kafka_offset from raw.dead_letters where topic = %s"
-        ") c group by 1, 2 having count(*) > 1) d",
+        ") c group by kafka_partition, kafka_offset) d",
         (topic, topic),
-    ).fetchone()[0]
+    ).fetchone()
     spans: dict[int, list[tuple[int, int]]] = {}
     for p, s, e in conn.execute(
         "select kafka_partition, start_offset, end_offset from raw.ingest_ledger"
@@ -70,7 +79,7 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
     parts = kafka_source.partitions(consumer, topic)
     committed = kafka_source.committed(consumer, topic, parts)
     ends = {p: (spans[p][-1][1] if p in spans else None) for p in parts}
-    return Invariants(produced, raw, dead, dupes, contiguous, ends, committed)
+    return Invariants(produced, raw, dead, dupes, contiguous, ends, committed, distinct)
 
 
 def table_checksums(conn: psycopg.Connection, topic: str) -> dict[str, tuple]:

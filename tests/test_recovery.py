@@ -112,7 +112,10 @@ def test_a_full_replay_from_earliest_leaves_the_tables_unchanged(env, topic):
         invariants(conn, consumer, topic, len(produced)).assert_exactly_once()
 
 
-def test_catch_up_killed_at_random_moments_many_times_still_lands_everything_once(env, topic):
+@pytest.mark.faults
+def test_catch_up_killed_at_random_moments_many_times_still_lands_everything_once(
+    env, topic, fault_report
+):
     produced = produce_orders(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], topic, 400)
     rng = random.Random(7)
     for _ in range(6):
@@ -125,12 +128,17 @@ def test_catch_up_killed_at_random_moments_many_times_still_lands_everything_onc
         time.sleep(rng.uniform(1.5, 6.0))
         proc.kill()
         proc.wait()
+    recovery = time.monotonic()
     cli("catch-up", "--no-dbt", env=env)
     with connections(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_POSTGRES_DSN"]) as (
         conn,
         consumer,
     ):
-        invariants(conn, consumer, topic, len(produced)).assert_exactly_once()
+        inv = invariants(conn, consumer, topic, len(produced))
+        fault_report.record_invariants(
+            "2. catch-up SIGKILLed 6x at random", inv, recovery_s=time.monotonic() - recovery
+        )
+        inv.assert_exactly_once()
 
 
 def test_a_crash_right_after_the_kafka_commit_needs_no_repair(env, topic):
