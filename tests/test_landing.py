@@ -210,3 +210,42 @@ def test_a_crash_at_any_point_loses_nothing_and_duplicates_nothing_after_a_rerun
         assert kafka_source.committed(consumer, topic, [victim.partition])[victim.partition] is None
         land_all(conn, consumer, topic, max_events=10_000)
         invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
+
+
+def _joins_without_an_index(plan: dict) -> list[str]:
+    """Nested loops whose inner side scans without an index: quadratic in the range size."""
+    found = []
+    children = plan.get("Plans", [])
+    if plan["Node Type"] == "Nested Loop" and len(children) == 2:
+        inner = children[1]
+        if inner["Node Type"] not in ("Index Scan", "Index Only Scan"):
+            found.append(f"nested loop over {inner['Node Type']}")
+    for child in children:
+        found += _joins_without_an_index(child)
+    return found
+
+
+def test_the_audit_statements_probe_indexes_when_new_offsets_lie_past_the_statistics(
+    kafka_bootstrap, postgres_dsn, topic
+):
+    """A landed range's offsets are always past the column statistics, so the planner expects
+    ~1 row; a join that is then planned as a nested loop over a scan once took hours for a range
+    of 100,000 events. The plan must probe an index whatever the estimate."""
+    from orderflow_dagster.land.landing import AUDIT_FROM_LANDING, FIRST_SEEN_FROM_LANDING
+
+    produce_orders(kafka_bootstrap, topic, 300)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        land_all(conn, consumer, topic, max_events=10_000)
+        conn.execute("analyze raw.order_events, raw.event_first_seen, raw.dead_letters")
+        window = {
+            "topic": topic,
+            "partition": 0,
+            "start": 1_000_000,
+            "end": 2_000_000,
+            "run_id": "next-run",
+            "key": "next",
+        }
+        for statement in (FIRST_SEEN_FROM_LANDING, AUDIT_FROM_LANDING):
+            (plan,) = conn.execute("explain (format json) " + statement, window).fetchone()[0]
+            assert "CTE Scan" not in str(plan)
+            assert _joins_without_an_index(plan["Plan"]) == []

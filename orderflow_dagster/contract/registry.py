@@ -15,6 +15,8 @@ from typing import Any
 
 import fastjsonschema
 
+from orderflow_dagster.contract.fastcheck import FastCheck, compile_check
+
 SCHEMA_DIR = "schemas"
 _VERSION_FILE = re.compile(r"v(\d+)\.json")
 
@@ -45,10 +47,17 @@ SUPPORTED_VERSIONS: dict[str, frozenset[int]] = {
     t: frozenset(v for tt, v in SCHEMAS if tt == t) for t in EVENT_TYPES
 }
 LATEST_VERSION: dict[str, int] = {t: max(v) for t, v in SUPPORTED_VERSIONS.items()}
+# the hot path's first opinion: True means surely valid; anything else asks fastjsonschema
+_FAST_CHECKS: dict[tuple[str, int], FastCheck] = {
+    key: check for key, schema in SCHEMAS.items() if (check := compile_check(schema)) is not None
+}
 
 
 def payload_violation(event_type: str, version: int, payload: Any) -> str | None:
     """None if `payload` satisfies the schema of (event_type, version), else why not."""
+    fast = _FAST_CHECKS.get((event_type, version))
+    if fast is not None and fast(payload):
+        return None
     try:
         _VALIDATORS[(event_type, version)](payload)
     except fastjsonschema.JsonSchemaValueException as exc:

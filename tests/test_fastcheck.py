@@ -1,0 +1,137 @@
+"""The generated hot-path payload checks: never more lenient than the JSON Schema they come from."""
+
+from __future__ import annotations
+
+import copy
+
+import fastjsonschema
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orderflow_dagster.contract import registry
+from orderflow_dagster.contract.fastcheck import compile_check
+from orderflow_dagster.ingest.generator import generate
+
+SCHEMA_KEYS = sorted(registry.SCHEMAS)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["", "USD", "usd", "USD\n", "EURO", "x", "ab"])
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["sku", "qty", "unit_price", "x"]), children, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+def valid_payloads() -> dict[tuple[str, int], list[dict]]:
+    payloads: dict[tuple[str, int], list[dict]] = {}
+    for out in generate(300, seed=3, poison_rate=0, duplicate_rate=0, v2_share=0.5):
+        event = orjson.loads(out.value)
+        payloads.setdefault((event["event_type"], event["schema_version"]), []).append(
+            event["payload"]
+        )
+    return payloads
+
+
+VALID = valid_payloads()
+
+
+def schema_accepts(key: tuple[str, int], payload) -> bool:
+    try:
+        fastjsonschema.compile(registry.SCHEMAS[key])(payload)
+    except fastjsonschema.JsonSchemaValueException:
+        return False
+    return True
+
+
+def test_every_schema_of_the_registry_gets_a_fast_check():
+    assert sorted(registry._FAST_CHECKS) == SCHEMA_KEYS
+
+
+@pytest.mark.parametrize("key", SCHEMA_KEYS)
+def test_the_fast_check_accepts_every_payload_the_producers_generate(key):
+    assert VALID.get(key), f"the generator made no {key} payloads"
+    check = registry._FAST_CHECKS[key]
+    assert all(check(p) for p in VALID[key])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    key=st.sampled_from(SCHEMA_KEYS),
+    pick=st.integers(min_value=0, max_value=10**6),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["set", "delete", "set_item"]), st.text(max_size=12), json_values
+        ),
+        max_size=3,
+    ),
+)
+def test_a_payload_the_fast_check_accepts_satisfies_the_schema(key, pick, edits):
+    payload = copy.deepcopy(VALID[key][pick % len(VALID[key])])
+    fields = sorted(payload)
+    for op, name, value in edits:
+        field = fields[len(name) % len(fields)] if fields else name
+        if op == "delete":
+            payload.pop(field, None)
+        elif op == "set_item" and isinstance(payload.get("items"), list) and payload["items"]:
+            item = payload["items"][0]
+            if isinstance(item, dict):
+                item[["sku", "qty", "unit_price"][len(name) % 3]] = value
+        else:
+            payload[field] = value
+    if registry._FAST_CHECKS[key](payload):
+        assert schema_accepts(key, payload), payload
+
+
+@pytest.mark.parametrize(
+    ("payload", "verdict"),
+    [
+        ({"n": 1, "s": "AB"}, True),
+        ({"n": 0, "s": "AB"}, False),  # below minimum
+        ({"n": True, "s": "AB"}, False),  # a JSON boolean is not an integer
+        ({"n": 2.0, "s": "AB"}, False),  # the schema allows it; the fast check defers to it
+        ({"n": 1, "s": "ab"}, False),  # pattern
+        ({"n": 1}, False),  # required
+        ({"n": 1, "s": "AB", "tags": ["a", ""]}, False),  # minLength inside items
+        ({"n": 1, "s": "AB", "tags": ["a"], "other": None}, True),  # unknown fields are allowed
+    ],
+)
+def test_the_fast_check_follows_each_keyword(payload, verdict):
+    check = compile_check(
+        {
+            "type": "object",
+            "required": ["n", "s"],
+            "properties": {
+                "n": {"type": "integer", "minimum": 1},
+                "s": {"type": "string", "pattern": "^[A-Z]+$"},
+                "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            },
+        }
+    )
+    assert check(payload) is verdict
+
+
+def test_a_schema_with_an_unhandled_keyword_gets_no_fast_check():
+    assert compile_check({"type": "object", "properties": {"s": {"enum": ["a"]}}}) is None
+    assert compile_check({"type": ["string", "null"], "minLength": 1}) is None
+
+
+def test_a_union_of_types_accepts_each_of_them_and_nothing_else():
+    check = compile_check({"type": "object", "properties": {"s": {"type": ["string", "null"]}}})
+    assert check({"s": "a"}) and check({"s": None}) and check({})
+    assert not check({"s": 1})
+
+
+def test_property_names_cannot_inject_code_into_the_generated_check():
+    name = "x'); import os; os._exit(3) #"
+    check = compile_check({"type": "object", "required": [name], "properties": {}})
+    assert check({name: 1}) is True
+    assert check({}) is False
