@@ -94,14 +94,24 @@ def test_copy_text_escapes_the_characters_copy_treats_specially():
     assert copy_json('{"a":"x\\"y"}') == '{"a":"x\\\\"y"}'
 
 
-def test_integers_beyond_64_bits_are_kept_exactly():
-    big = 123456789012345678901234567890
+@pytest.mark.parametrize(
+    "big", [123456789012345678901234567890, 2**64, 2**64 + 1, -(2**63) - 1, 2**64 - 1, -(2**63)]
+)
+def test_integers_at_and_beyond_64_bits_are_kept_exactly(big):
     env = orjson.loads(envelope())
     env["payload"] |= {"amount": big, "ref": -big}
     raw = json.dumps(env).encode()  # orjson itself refuses to write such integers
     event = parse_event(raw, max_bytes=MAX)
     assert isinstance(event, Event)
     assert f'"amount":{big}' in event.payload_json and f'"ref":{-big}' in event.payload_json
+
+
+def test_hex_strings_that_look_like_exponents_are_kept_as_they_are():
+    env = orjson.loads(envelope())
+    env["payload"] |= {"payment_id": "1e5-2E+3-9e-1", "tiny": 2.5e-7, "large": 1.5e300}
+    event = parse_event(orjson.dumps(env), max_bytes=MAX)
+    assert isinstance(event, Event)
+    assert orjson.loads(event.payload_json) == env["payload"]
 
 
 def test_a_number_beyond_double_range_is_dead_lettered_as_invalid_json():

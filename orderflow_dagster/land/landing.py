@@ -291,43 +291,14 @@ def _stream_gaps(
                 "run_id": run_id,
                 "key": rng.key,
             }
-            cur.execute(FIRST_SEEN_FROM_LANDING, window)
             cur.execute(AUDIT_FROM_LANDING, window)
     return messages, batch.rows, dead
 
 
-# Both statements read back what this run just wrote (by coordinates and run_id). They are two
-# statements, joined through event_first_seen's primary key, because a planner estimate of ~1 row
-# is normal here (the new offsets lie past the column statistics) and, with the join between two
-# CTE results it once was, made Postgres pick a nested loop: quadratic, hours for 100,000 events.
-FIRST_SEEN_FROM_LANDING = """
-insert into raw.event_first_seen (event_id, topic, kafka_partition, kafka_offset)
-select event_id, topic, kafka_partition, kafka_offset
-from raw.order_events
-where topic = %(topic)s and kafka_partition = %(partition)s
-  and kafka_offset >= %(start)s and kafka_offset < %(end)s and run_id = %(run_id)s
-order by kafka_offset
-on conflict (event_id) do nothing
-"""
-AUDIT_FROM_LANDING = """
-insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id, outcome, reason,
-                              run_id, partition_key, trace_id)
-select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
-       case when (f.topic, f.kafka_partition, f.kafka_offset)
-                 = (l.topic, l.kafka_partition, l.kafka_offset)
-            then 'landed' else 'duplicate' end,
-       null, l.run_id, %(key)s, l.trace_id
-from raw.order_events l
-join raw.event_first_seen f on f.event_id = l.event_id
-where l.topic = %(topic)s and l.kafka_partition = %(partition)s
-  and l.kafka_offset >= %(start)s and l.kafka_offset < %(end)s and l.run_id = %(run_id)s
-union all
-select topic, kafka_partition, kafka_offset, null, 'dead_lettered', reason, run_id, %(key)s, null
-from raw.dead_letters
-where topic = %(topic)s and kafka_partition = %(partition)s
-  and kafka_offset >= %(start)s and kafka_offset < %(end)s and run_id = %(run_id)s
-order by 3
-"""
+# see audit.log_landing in sql/schema.sql
+AUDIT_FROM_LANDING = (
+    "select audit.log_landing(%(topic)s, %(partition)s, %(start)s, %(end)s, %(run_id)s, %(key)s)"
+)
 
 
 def origin(conn: psycopg.Connection, topic: str, partition: int) -> int | None:

@@ -61,8 +61,6 @@ ENVELOPE_FIELDS = (
     "schema_version",
 )
 _ENVELOPE_FIELD_SET = frozenset(ENVELOPE_FIELDS)
-# a number written in exponent form (or a string that looks like one: harmless, only slower)
-_EXPONENT = re.compile(r"[0-9][eE][+-]?[0-9]")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # an escaped NUL that is not itself an escaped backslash followed by "u0000"
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -71,7 +69,7 @@ MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31, the last instant PostgreSQL's 
 MAX_TRACE_ID_LENGTH = 128
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~0.6 µs more per event to build
 class Event:
     """The typed fields of a valid envelope, as they go into raw.order_events."""
 
@@ -143,10 +141,11 @@ def parse_event(value: bytes | None, *, max_bytes: int) -> Event | Rejection:
 
     try:
         payload_json = orjson.dumps(payload).decode()
-        if _EXPONENT.search(payload_json):
-            # orjson reads an integer beyond 64 bits as a float, which it writes in exponent
-            # form; the standard library keeps such integers exact, so a huge number lands
-            # literally (jsonb numeric holds it). Rare, so the slow path is fine here.
+        if "e+" in payload_json:
+            # orjson reads an integer beyond 64 bits as a float of 9.2e18 or more, which it
+            # writes with a positive exponent; the standard library keeps such integers exact,
+            # so a huge number lands literally (jsonb numeric holds it). A string holding "e+"
+            # takes this path too, only slower; hex ids ("4e3f") no longer do.
             exact = json.loads(value)["payload"]
             payload_json = json.dumps(exact, separators=(",", ":"), ensure_ascii=False)
     except (orjson.JSONEncodeError, RecursionError, ValueError) as exc:
