@@ -29,11 +29,12 @@ from tests.support import invariants, produce_orders, table_checksums
 from tests.test_catch_up import cli
 from tests.test_dagster_e2e import ASSET, PARTITION_TAG, ledger, run_summary
 
-# ~560 messages, ~140 per Kafka partition: 2 ranges on each of the 4 partitions (8 partitions of
-# raw_order_events, 8 runs per backfill)
+# ~560 messages, ~140 per Kafka partition: one range on each of the 4 partitions, so 4 partitions
+# of raw_order_events and 4 runs per backfill (each run a fresh process: ~30 s on a busy machine)
 ORDERS = 150
-MAX_EVENTS_PER_BATCH = 100
-BACKFILL_TIMEOUT_S = 420
+MAX_EVENTS_PER_BATCH = 250
+# generous: the daemon evaluates a backfill every 30 s, and runs queue for the run slots
+BACKFILL_TIMEOUT_S = 600
 DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 
 SENSORS = """
