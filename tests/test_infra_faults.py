@@ -80,12 +80,14 @@ def fresh(cfg, info):
     return topic
 
 
-def land_with_fault(info, topic, tmp_path, on_pause) -> subprocess.CompletedProcess:
-    """Land in a subprocess that pauses mid-COPY; `on_pause` breaks a service; then resume."""
+def land_with_fault(
+    info, topic, tmp_path, on_pause, point: str = "mid_copy"
+) -> subprocess.CompletedProcess:
+    """Land in a subprocess that pauses at `point`; `on_pause` breaks a service; then resume."""
     flag = tmp_path / f"pause-{uuid.uuid4().hex}"
     env = {
         **os.environ,
-        "ORDERFLOW_PAUSE_AT": f"mid_copy:{flag}",
+        "ORDERFLOW_PAUSE_AT": f"{point}:{flag}",
         # a tiny prefetch queue, so the rest of the range has to come from the broker
         "ORDERFLOW_KAFKA_CONFIG_QUEUED_MAX_MESSAGES_KBYTES": "16",
         "ORDERFLOW_KAFKA_CONFIG_MAX_PARTITION_FETCH_BYTES": "16384",
@@ -100,7 +102,7 @@ def land_with_fault(info, topic, tmp_path, on_pause) -> subprocess.CompletedProc
     deadline = time.monotonic() + 60
     while not flag.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the landing never reached mid_copy"
+        assert time.monotonic() < deadline, f"the landing never reached {point}"
         time.sleep(0.05)
     on_pause()
     flag.unlink()
@@ -146,3 +148,32 @@ def test_a_service_dying_mid_batch_leaves_nothing_half_written_and_the_batch_lan
         assert conn.execute(
             "select count(*) from raw.order_events where topic = %s", (topic,)
         ).fetchone()[0] == sum(1 for o in outgoing if o.kind != "poison")
+
+
+@pytest.mark.faults
+def test_the_broker_killed_during_the_offset_commit_fails_typed_and_the_rerun_commits_the_ledger(
+    faulty_stack, tmp_path, fault_report
+):
+    cfg, info = faulty_stack
+    kill, error_name, restart = FAULTS["kafka"]
+    topic = fresh(cfg, info)
+    outgoing = produce_orders(info.bootstrap_servers, topic, 300, poison_rate=0.02)
+    # the first range is committed in Postgres; the broker dies as its offsets go to Kafka
+    result = land_with_fault(info, topic, tmp_path, kill(cfg), point="in_kafka_commit")
+    recovery = time.monotonic()
+    restart(cfg, info, topic)
+    with connections(info.bootstrap_servers, info.dsn) as (conn, consumer):
+        before = invariants(conn, consumer, topic, len(outgoing))
+        assert_nothing_half_written(conn, topic)
+        land_all(conn, consumer, topic, max_events=100_000)
+        inv = invariants(conn, consumer, topic, len(outgoing))
+    fault_report.record_invariants(
+        "4. broker kill -9 during the offset commit", inv, recovery_s=time.monotonic() - recovery
+    )
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert error_name in result.stderr and "commit offsets" in result.stderr, result.stderr[-2000:]
+    landed = {p: end for p, end in before.ledger_ends.items() if end is not None}
+    assert len(landed) == 1, before
+    # the commit that failed left Kafka behind the ledger, never ahead of it
+    assert all(before.committed[p] is None for p in landed), before
+    inv.assert_exactly_once()

@@ -11,8 +11,11 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 from oracle import expected_order_status, landed, read_customers_csv
@@ -20,8 +23,9 @@ from psycopg.rows import dict_row
 
 from orderflow_dagster.ingest.generator import generate
 from orderflow_dagster.transform.dbt import DBT_PROJECT_DIR, run_dbt_build
-from tests.support import produce
+from tests.support import invariants, produce
 from tests.test_catch_up import cli
+from tests.test_landing import connections
 
 CUSTOMERS = read_customers_csv(DBT_PROJECT_DIR / "seeds" / "customers.csv")
 BIN = Path(sys.executable).parent
@@ -41,6 +45,21 @@ def env(kafka_bootstrap, postgres_dsn, topic, tmp_path, monkeypatch):
         "ORDERFLOW_ANALYTICS_SCHEMA": schema,
         "DAGSTER_HOME": str(tmp_path),
     }
+
+
+def mixed_stream(orders: int, seed: int) -> list:
+    """Duplicates across partitions, out-of-order lifecycles, poison, v1 and v2 payloads."""
+    return list(
+        generate(
+            orders,
+            seed=seed,
+            cross_partition_duplicate_share=1.0,
+            duplicate_rate=0.1,
+            out_of_order_rate=0.3,
+            poison_rate=0.03,
+            v2_share=0.5,
+        )
+    )
 
 
 def oracle_rows(outgoing) -> list[dict]:
@@ -76,17 +95,7 @@ def test_order_status_equals_the_oracle_across_incremental_rounds_and_a_full_ref
     # rounds use different seeds (new orders) and the same seed again (a full upstream replay:
     # the same event_ids at new offsets)
     for seed, orders in ((11, 300), (12, 200), (11, 300)):
-        outgoing = list(
-            generate(
-                orders,
-                seed=seed,
-                cross_partition_duplicate_share=1.0,
-                duplicate_rate=0.1,
-                out_of_order_rate=0.3,
-                poison_rate=0.03,
-                v2_share=0.5,
-            )
-        )
+        outgoing = mixed_stream(orders, seed)
         produce(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_TOPIC"], outgoing)
         everything += outgoing
         done = cli("catch-up", env=env)
@@ -116,3 +125,62 @@ def test_order_status_equals_the_oracle_across_incremental_rounds_and_a_full_ref
             "  on d.kafka_partition = e.kafka_partition and d.kafka_offset = e.kafka_offset)"
         ).fetchone()
     assert dead > 0 and leaked == 0
+
+
+def dbt_builds_of(dbname: str) -> list[psutil.Process]:
+    """Live `dbt build` processes of this project working on database `dbname`."""
+    out = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if "build" not in cmdline or str(DBT_PROJECT_DIR) not in cmdline:
+            continue
+        with suppress(psutil.Error):
+            if (
+                proc.info["status"] != psutil.STATUS_ZOMBIE
+                and proc.environ().get("ORDERFLOW_PG_DATABASE") == dbname
+            ):
+                out.append(proc)
+    return out
+
+
+@pytest.mark.faults
+def test_dbt_killed_halfway_through_a_build_leaves_the_marts_equal_to_the_oracle_after_a_rerun(
+    env, fault_report
+):
+    bootstrap, dsn, topic = (
+        env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"],
+        env["ORDERFLOW_POSTGRES_DSN"],
+        env["ORDERFLOW_TOPIC"],
+    )
+    first = mixed_stream(200, seed=21)
+    produce(bootstrap, topic, first)
+    cli("catch-up", env=env)  # the marts exist: the killed build is an incremental one
+    # new orders, and the first stream again at new offsets (the same event_ids)
+    second = mixed_stream(150, seed=22) + first
+    produce(bootstrap, topic, second)
+    killed = cli("catch-up", env={**env, "ORDERFLOW_CRASH_AT": "in_dbt"}, check=False)
+    # -9: only the in_dbt point was armed, and it fires while dbt's output is being read
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    _, orphans = psutil.wait_procs(dbt_builds_of(dbname), timeout=10)
+
+    recovery = time.monotonic()
+    cli("catch-up", env=env)
+    everything = first + second
+    expected = oracle_rows(everything)
+    actual = actual_rows(dsn)
+    with connections(bootstrap, dsn, env["ORDERFLOW_CONSUMER_GROUP"]) as (conn, consumer):
+        inv = invariants(conn, consumer, topic, len(everything))
+        mart_duplicates = conn.execute(
+            "select count(*) - count(distinct event_id) from analytics.order_events"
+        ).fetchone()[0]
+    fault_report.record_invariants(
+        "1. SIGKILL at in_dbt",
+        inv,
+        recovery_s=time.monotonic() - recovery,
+        mart_duplicates=mart_duplicates,
+    )
+    assert not orphans, "dbt outlived the process that ran it"
+    inv.assert_exactly_once()
+    assert mart_duplicates == 0
+    assert actual == expected

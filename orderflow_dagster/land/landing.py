@@ -328,6 +328,7 @@ def repair_kafka_commit(
         # commit the origin itself, so "committed" always means "landed up to here"
         floor = current if current is not None else start
         if target is not None and target > floor:
+            crash_point("in_kafka_commit")
             kafka_source.commit(consumer, topic, {partition: target})
             return target
         return current

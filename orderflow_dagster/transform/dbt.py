@@ -7,7 +7,8 @@
   `dbt parse --project-dir dbt_project --profiles-dir dbt_project` (no database needed).
 - `orderflow_dbt_models`: every model, seed and test of the project as one `@dbt_assets`
   definition running `dbt build`; dbt tests are asset checks.
-- `run_dbt_build`: `dbt build` as a subprocess, for `orderflow catch-up` and the tests.
+- `run_dbt_build`: `dbt build` as a subprocess, for `orderflow catch-up` and the tests. The
+  crash point `in_dbt` (orderflow_dagster/faults.py) kills it and dbt halfway through the build.
 
 dbt's profile (`dbt_project/profiles.yml`) reads ORDERFLOW_PG_* variables and
 DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD; `dbt_env_from_dsn` derives them from ORDERFLOW_POSTGRES_DSN.
@@ -15,9 +16,11 @@ DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD; `dbt_env_from_dsn` derives them from ORDER
 
 # No `from __future__ import annotations`: Dagster inspects the asset function's annotations.
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
+from orderflow_dagster import faults
 from orderflow_dagster.settings import repo_root
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
@@ -203,20 +207,38 @@ def run_dbt_build(
         dbt_executable(),
         *build_args(full_refresh=full_refresh, select=select, dbt_vars=dbt_vars),
     ]
-    result = subprocess.run(
+    tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+    with subprocess.Popen(
         command,
         cwd=DBT_PROJECT_DIR,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        tail = "\n".join(result.stdout.splitlines()[-OUTPUT_TAIL_LINES:])
+    ) as proc:
+        crash_armed = faults.armed("in_dbt")
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if crash_armed and past_halfway(line):
+                crash_armed = False
+                faults.crash_point("in_dbt", children=[proc.pid])
+        returncode = proc.wait()
+    if returncode != 0:
         raise RuntimeError(
-            f"dbt build failed (exit code {result.returncode}); the end of its output:\n{tail}"
+            f"dbt build failed (exit code {returncode}); the end of its output:\n" + "\n".join(tail)
         )
+
+
+# dbt's progress lines: "12:00:01  7 of 31 OK created sql incremental model analytics.order_events"
+_PROGRESS = re.compile(r"\b(\d+) of (\d+) (?:OK|PASS|WARN)\b")
+
+
+def past_halfway(line: str) -> bool:
+    """Whether a line of dbt's output reports a node of the second half of the build done: where
+    `in_dbt` fires, so the kill finds some models written and the rest unbuilt or mid-statement
+    (dbt runs two threads)."""
+    match = _PROGRESS.search(line)
+    return match is not None and 2 * int(match.group(1)) >= int(match.group(2))
 
 
 @dbt_assets(
