@@ -28,6 +28,7 @@ _UNAVAILABLE_CODES = frozenset(
         KafkaError.COORDINATOR_NOT_AVAILABLE,
         KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
         KafkaError.NOT_COORDINATOR,
+        KafkaError._WAIT_COORD,  # e.g. a commit while the broker holding the group is down
     }
 )
 # With auto.offset.reset=error the consumer reports _AUTO_OFFSET_RESET instead of silently jumping
