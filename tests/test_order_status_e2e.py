@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import sys
 import time
 from contextlib import suppress
@@ -29,6 +30,7 @@ from tests.test_landing import connections
 
 CUSTOMERS = read_customers_csv(DBT_PROJECT_DIR / "seeds" / "customers.csv")
 BIN = Path(sys.executable).parent
+DEFINITIONS = "orderflow_dagster.definitions"
 
 
 @pytest.fixture
@@ -143,9 +145,34 @@ def dbt_builds_of(dbname: str) -> list[psutil.Process]:
     return out
 
 
+def kill_dbt_halfway(path: str, env: dict) -> None:
+    """Run the dbt build with `in_dbt` armed, through `orderflow catch-up` (run_dbt_build) or
+    through Dagster's dbt asset (dagster-dbt, the job the sensor launches)."""
+    crashing = {**env, "ORDERFLOW_CRASH_AT": "in_dbt"}
+    if path == "catch-up":
+        killed = cli("catch-up", env=crashing, check=False)
+        # -9: only the in_dbt point was armed, and it fires while dbt's output is being read
+        assert killed.returncode == -9, killed.stdout + killed.stderr
+        return
+    cli("catch-up", "--no-dbt", env=env)
+    killed = subprocess.run(
+        [str(BIN / "dagster"), "job", "execute", "-j", "orderflow_dbt_job", "-m", DEFINITIONS],
+        env=crashing,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = killed.stdout + killed.stderr
+    # the step's process killed itself after some of the build's results were reported
+    assert killed.returncode != 0, output[-3000:]
+    assert "terminated by signal 9 (SIGKILL)" in output, output[-3000:]
+    assert "ASSET_MATERIALIZATION" in output, output[-3000:]
+
+
 @pytest.mark.faults
+@pytest.mark.parametrize("path", ["catch-up", "dagster-asset"])
 def test_dbt_killed_halfway_through_a_build_leaves_the_marts_equal_to_the_oracle_after_a_rerun(
-    env, fault_report
+    env, fault_report, path
 ):
     bootstrap, dsn, topic = (
         env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"],
@@ -158,9 +185,7 @@ def test_dbt_killed_halfway_through_a_build_leaves_the_marts_equal_to_the_oracle
     # new orders, and the first stream again at new offsets (the same event_ids)
     second = mixed_stream(150, seed=22) + first
     produce(bootstrap, topic, second)
-    killed = cli("catch-up", env={**env, "ORDERFLOW_CRASH_AT": "in_dbt"}, check=False)
-    # -9: only the in_dbt point was armed, and it fires while dbt's output is being read
-    assert killed.returncode == -9, killed.stdout + killed.stderr
+    kill_dbt_halfway(path, env)
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     _, orphans = psutil.wait_procs(dbt_builds_of(dbname), timeout=10)
 
@@ -175,7 +200,7 @@ def test_dbt_killed_halfway_through_a_build_leaves_the_marts_equal_to_the_oracle
             "select count(*) - count(distinct event_id) from analytics.order_events"
         ).fetchone()[0]
     fault_report.record_invariants(
-        "1. SIGKILL at in_dbt",
+        f"1. SIGKILL at in_dbt ({path})",
         inv,
         recovery_s=time.monotonic() - recovery,
         mart_duplicates=mart_duplicates,
