@@ -294,7 +294,7 @@ def test_keys_are_constraints_and_tests_check_the_latest_run(dbt_dsn: str) -> No
                 tables = [table, table] if statement.count("{}") == 2 else [table]
                 conn.execute(sql.SQL(statement).format(*tables))
 
-    # Corrupt one order the last build recomputed and one it did not (as a manual edit would).
+    # An order the last build recomputed, and one it did not.
     recent, older = (
         fetch(
             dbt_dsn,
@@ -306,12 +306,15 @@ def test_keys_are_constraints_and_tests_check_the_latest_run(dbt_dsn: str) -> No
     corrupt = sql.SQL("update {} set event_count = event_count + 1 where order_id = %s").format(
         order_status
     )
+    # A manual edit of an older row: a routine build checks the rows it writes, a full check all.
     with psycopg.connect(dbt_dsn) as conn:
         conn.execute(corrupt, [older])
-    run_dbt_build(dbt_dsn)  # a routine build checks the latest run's rows only
+    run_dbt_build(dbt_dsn)
     with pytest.raises(RuntimeError, match="order_status_matches_last_event"):
         run_dbt_build(dbt_dsn, dbt_vars={"data_tests_scope": "all"})
 
+    # A row stamped as written by the next build (as a faulty model run would write it) is
+    # checked by that build.
     with psycopg.connect(dbt_dsn) as conn:
         conn.execute(
             sql.SQL("update {} set event_count = event_count - 1 where order_id = %s").format(
@@ -319,7 +322,13 @@ def test_keys_are_constraints_and_tests_check_the_latest_run(dbt_dsn: str) -> No
             ),
             [older],
         )
-        conn.execute(corrupt, [recent])
+        conn.execute(
+            sql.SQL(
+                "update {} set event_count = event_count + 1,"
+                " updated_at = now() + interval '1 hour' where order_id = %s"
+            ).format(order_status),
+            [recent],
+        )
     with pytest.raises(RuntimeError, match="order_status_matches_last_event"):
         run_dbt_build(dbt_dsn)
 

@@ -16,7 +16,10 @@
 
       written_in_latest_run(stamp)         rows whose statement_timestamp() column `stamp` is the
                                            newest of the tested model: every row the model's
-                                           latest run wrote (one statement, one stamp)
+                                           latest run wrote (one statement, one stamp). In a
+                                           `dbt build`, only if that run belongs to this build:
+                                           a build whose model wrote nothing checks nothing of
+                                           it (not, say, all the rows of the last full refresh)
       written_in_latest_run(stamp, model)  the same, the newest `stamp` of `model`, in the tested
                                            relation's schema (for a view over that model)
       landed_within_lookback(column)       rows landed within var('landing_lookback') of the
@@ -41,7 +44,20 @@
     for a literal it sees from the index how few rows qualify.
 -#}
 {% macro latest_write_bound(relation, stamp) -%}
-    {{ return(scope_bound("select max(" ~ stamp ~ ") from " ~ relation)) }}
+    {%- set newest = "(select max(" ~ stamp ~ ") from " ~ relation ~ ")" -%}
+    {%- if flags.WHICH != 'build' or not execute -%}
+        {{ return(scope_bound("select " ~ newest)) }}
+    {%- endif -%}
+    {#-
+        When this build started, on the database's clock (which stamped the rows): dbt's
+        run_started_at moved by the offset between dbt's clock, read just now, and the database's,
+        read by the same statement. A second off for the round trip; re-checking rows written in
+        that second before the build is harmless.
+    -#}
+    {%- set dbt_now = modules.datetime.datetime.now(modules.pytz.utc) -%}
+    {%- set build_started = "clock_timestamp() - (timestamptz '" ~ dbt_now ~ "' - timestamptz '"
+        ~ run_started_at ~ "') - interval '1 second'" -%}
+    {{ return(scope_bound("select greatest(" ~ newest ~ ", " ~ build_started ~ ")")) }}
 {%- endmacro %}
 
 
