@@ -38,8 +38,8 @@
 
 
 {#-
-    The oldest `stamp` the tests check: the newest one of `relation`, or -infinity (every row).
-    When the test runs, the bound is looked up first and written into the test's SQL as a literal:
+    The oldest `stamp` the tests check: the newest one of `relation` (in a `dbt build`, and not
+    older than the build's start), or -infinity (every row). When the test runs, the bound is looked up first and written into the test's SQL as a literal:
     Postgres estimates `stamp >= <subquery>` at a third of the table and would scan it all, while
     for a literal it sees from the index how few rows qualify.
 -#}
