@@ -110,9 +110,10 @@ def test_dagster_assets_keys_groups_and_checks() -> None:
     }
     checks = {(check.asset_key, check.name) for check in orderflow_dbt_models.check_specs}
     order_status = AssetKey(["order_status"])
-    assert (order_status, "unique_order_status_order_id") in checks
     assert (order_status, "order_status_one_row_per_order") in checks
     assert (order_status, "order_status_matches_last_event") in checks
+    # the key is a constraint of the model's contract, not a test
+    assert (order_status, "unique_order_status_order_id") not in checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +265,78 @@ def test_late_commit_inside_lookback_is_picked_up(dbt_dsn: str) -> None:
     landed_so_far.append(too_late)
     run_dbt_build(dbt_dsn, dbt_vars={"landing_lookback": "3 hours"})
     assert_marts_match_oracle(dbt_dsn, landed_so_far)
+
+
+def test_keys_are_constraints_and_tests_check_the_latest_run(dbt_dsn: str) -> None:
+    """The marts' keys, not-null columns and accepted values are enforced by Postgres for every
+    row; a routine build's data tests check the rows its models wrote, a full check every row."""
+    records = [record for batch in scenario(seed=5, n_orders=30) for record in batch]
+    insert_records(dbt_dsn, records[:40])
+    run_dbt_build(dbt_dsn)
+    insert_records(dbt_dsn, records[40:])
+    run_dbt_build(dbt_dsn)
+    assert_marts_match_oracle(dbt_dsn, records)
+
+    order_status = sql.Identifier(ANALYTICS, "order_status")
+    order_events = sql.Identifier(ANALYTICS, "order_events")
+    history = sql.Identifier(ANALYTICS, "order_status_history")
+    violations = [
+        (psycopg.errors.UniqueViolation, "insert into {} select * from {} limit 1", order_status),
+        (psycopg.errors.UniqueViolation, "insert into {} select * from {} limit 1", order_events),
+        (psycopg.errors.UniqueViolation, "update {} set sequence_number = 1", history),
+        (psycopg.errors.NotNullViolation, "update {} set order_id = null", order_events),
+        (psycopg.errors.CheckViolation, "update {} set status = 'lost'", order_status),
+        (psycopg.errors.CheckViolation, "update {} set event_type = 'Refunded'", order_events),
+    ]
+    with psycopg.connect(dbt_dsn) as conn:
+        for error, statement, table in violations:
+            with pytest.raises(error), conn.transaction():
+                tables = [table, table] if statement.count("{}") == 2 else [table]
+                conn.execute(sql.SQL(statement).format(*tables))
+
+    # An order the last build recomputed, and one it did not.
+    recent, older = (
+        fetch(
+            dbt_dsn,
+            f"select order_id from {ANALYTICS}.order_status where updated_at {op}"
+            f" (select max(updated_at) from {ANALYTICS}.order_status) order by order_id limit 1",
+        )[0]["order_id"]
+        for op in ("=", "<")
+    )
+    corrupt = sql.SQL("update {} set event_count = event_count + 1 where order_id = %s").format(
+        order_status
+    )
+    # A manual edit of an older row: a routine build checks the rows it writes, a full check all.
+    with psycopg.connect(dbt_dsn) as conn:
+        conn.execute(corrupt, [older])
+    run_dbt_build(dbt_dsn)
+    with pytest.raises(RuntimeError, match="order_status_matches_last_event"):
+        run_dbt_build(dbt_dsn, dbt_vars={"data_tests_scope": "all"})
+
+    # A row stamped as written by the next build (as a faulty model run would write it) is
+    # checked by that build.
+    with psycopg.connect(dbt_dsn) as conn:
+        conn.execute(
+            sql.SQL("update {} set event_count = event_count - 1 where order_id = %s").format(
+                order_status
+            ),
+            [older],
+        )
+        conn.execute(
+            sql.SQL(
+                "update {} set event_count = event_count + 1,"
+                " updated_at = now() + interval '1 hour' where order_id = %s"
+            ).format(order_status),
+            [recent],
+        )
+    with pytest.raises(RuntimeError, match="order_status_matches_last_event"):
+        run_dbt_build(dbt_dsn)
+
+
+def test_unit_tests_pass(dbt_dsn: str) -> None:
+    """dbt's unit tests are left out of the pipeline's builds; CI runs them here (in a build: a
+    unit test reads its inputs' columns from the relations built before it)."""
+    run_dbt_build(dbt_dsn, unit_tests=True)
 
 
 def test_run_dbt_build_failure_quotes_dbt_output() -> None:

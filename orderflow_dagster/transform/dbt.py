@@ -169,14 +169,24 @@ def _dbt_env(dsn: str | None) -> dict[str, str]:
     return env
 
 
+# dbt unit tests check the models' logic on fixed inputs, so their result cannot change between
+# two pipeline runs of the same code: they run in CI (`run_dbt_build(..., unit_tests=True)`, see
+# tests/test_dbt_models.py), not on every build of the pipeline (dbt's own advice).
+PIPELINE_EXCLUDE = ["--exclude-resource-type", "unit_test"]
+
+
 def build_args(
     *,
     full_refresh: bool = False,
     select: str | Sequence[str] | None = None,
     dbt_vars: Mapping[str, Any] | None = None,
+    unit_tests: bool = False,
 ) -> list[str]:
-    """The arguments after `dbt` for a `dbt build` of this project."""
+    """The arguments after `dbt` for a `dbt build` of this project (without its unit tests unless
+    `unit_tests`)."""
     args = ["build", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    if not unit_tests:
+        args += PIPELINE_EXCLUDE
     if full_refresh:
         args.append("--full-refresh")
     if select:
@@ -194,8 +204,10 @@ def run_dbt_build(
     full_refresh: bool = False,
     select: str | Sequence[str] | None = None,
     dbt_vars: Mapping[str, Any] | None = None,
+    unit_tests: bool = False,
 ) -> None:
-    """Run `dbt build` (seeds, models, tests) against the database of `dsn`; raise on failure.
+    """Run `dbt build` (seeds, models, data tests; unit tests too if `unit_tests`) against the
+    database of `dsn`; raise on failure.
 
     Blocks until dbt exits. Other settings (ORDERFLOW_ANALYTICS_SCHEMA, ...) come from the
     environment. Artifacts and logs go to dbt_project/target/run_dbt_build, apart from the
@@ -205,7 +217,9 @@ def run_dbt_build(
     env = _dbt_env(dsn) | {"DBT_TARGET_PATH": str(target), "DBT_LOG_PATH": str(target)}
     command = [
         dbt_executable(),
-        *build_args(full_refresh=full_refresh, select=select, dbt_vars=dbt_vars),
+        *build_args(
+            full_refresh=full_refresh, select=select, dbt_vars=dbt_vars, unit_tests=unit_tests
+        ),
     ]
     tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
     with subprocess.Popen(
@@ -248,13 +262,13 @@ def past_halfway(line: str) -> bool:
     name="orderflow_dbt",
 )
 def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
-    """`dbt build` of the selected models, seeds and tests, streamed as Dagster events."""
+    """`dbt build` of the selected models, seeds and data tests, streamed as Dagster events."""
     dsn = os.environ.get(DSN_ENV_VAR)
     if dsn:
         # dagster-dbt passes this process's environment to dbt and also opens its own adapter
         # connection from the profile, so the profile's variables must be in os.environ.
         os.environ.update(dbt_env_from_dsn(dsn))
-    invocation = dbt.cli(["build"], context=context)
+    invocation = dbt.cli(["build", *PIPELINE_EXCLUDE], context=context)
     expected = len(context.selected_output_names) + len(context.selected_asset_check_keys)
     yield from crash_halfway(invocation.stream(), expected, invocation.process.pid)
 

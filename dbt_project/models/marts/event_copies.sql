@@ -7,6 +7,9 @@
 -- earlier can commit later, and its rows carry its start time - and appends those whose
 -- coordinates it does not hold yet. Reading a row twice changes nothing. Every row appended is
 -- stamped with transformed_at, which is how order_events finds the copies it has not seen.
+--
+-- Keys and not-null columns are constraints of the model's contract (event_copies.yml), checked by
+-- Postgres on every insert; the primary key's index also serves the "not held yet" check.
 
 {{
     config(
@@ -15,7 +18,6 @@
         on_schema_change='fail',
         pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
-            {'columns': ['topic', 'kafka_partition', 'kafka_offset'], 'unique': true},
             {'columns': ['event_id', 'content_hash']},
             {'columns': ['landed_at']},
             {'columns': ['transformed_at']},

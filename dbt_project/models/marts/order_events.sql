@@ -9,6 +9,9 @@
 -- nothing, so the table always equals a full refresh. Only winners that are new or changed are
 -- written; they get a fresh transformed_at, which is how order_status and order_status_history
 -- find the orders to recompute.
+--
+-- The key (event_id, the primary key), the not-null columns and the accepted event types are
+-- constraints of the model's contract (order_events.yml), checked by Postgres on every insert.
 
 {{
     config(
@@ -18,7 +21,6 @@
         on_schema_change='fail',
         pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
-            {'columns': ['event_id'], 'unique': true},
             {'columns': ['order_id', 'event_ts_ms desc', 'event_id desc', 'event_type']},
             {'columns': ['transformed_at']},
         ],

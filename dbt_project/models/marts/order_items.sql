@@ -1,5 +1,7 @@
 -- The line items of each distinct OrderCreated event, one row per line, enriched with the product
 -- catalog. A view over order_events: always consistent with it, and nothing to keep incremental.
+-- A filter on transformed_at (its data tests, macros/data_test_scope.sql) reaches order_events'
+-- transformed_at index.
 
 {{ config(materialized='view') }}
 
@@ -13,7 +15,8 @@ order_created_events as (
         customer_id,
         currency,
         event_at,
-        items
+        items,
+        transformed_at
 
     from {{ ref('order_events') }}
     where event_type = 'OrderCreated'
@@ -33,7 +36,8 @@ lines as (
         case
             when jsonb_typeof(line.item -> 'qty') = 'number' then (line.item ->> 'qty')::numeric
         end as qty,
-        {{ json_numeric("line.item -> 'unit_price'") }} as unit_price
+        {{ json_numeric("line.item -> 'unit_price'") }} as unit_price,
+        order_created_events.transformed_at
 
     from order_created_events
     cross join lateral jsonb_array_elements(order_created_events.items)
@@ -62,7 +66,8 @@ enriched as (
         lines.unit_price,
         products.unit_price as list_price,
         lines.currency,
-        lines.qty * lines.unit_price as line_total
+        lines.qty * lines.unit_price as line_total,
+        lines.transformed_at
 
     from lines
     left join products

@@ -6,6 +6,9 @@
 --
 -- Incremental: the orders touched by events order_events wrote since this model last ran are
 -- recomputed from all their events, and replace their previous rows (delete+insert on order_id).
+--
+-- The key (order_id, the primary key), the not-null columns and the accepted statuses are
+-- constraints of the model's contract (order_status.yml), checked by Postgres on every insert.
 
 {{
     config(
@@ -15,7 +18,6 @@
         on_schema_change='fail',
         pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
-            {'columns': ['order_id'], 'unique': true},
             {'columns': ['updated_at']},
         ],
     )

@@ -3,6 +3,10 @@
 --
 -- Incremental: like order_status, the orders touched since the last run are recomputed whole and
 -- replace their previous rows (delete+insert on order_id).
+--
+-- The keys ((order_id, sequence_number), the primary key, and event_id, unique), the not-null
+-- columns and the accepted statuses are constraints of the model's contract
+-- (order_status_history.yml), checked by Postgres on every insert.
 
 {{
     config(
@@ -12,8 +16,6 @@
         on_schema_change='fail',
         pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
-            {'columns': ['event_id'], 'unique': true},
-            {'columns': ['order_id', 'sequence_number'], 'unique': true},
             {'columns': ['updated_at']},
         ],
     )

@@ -64,9 +64,10 @@ typed as (
         event_ts_ms,
 
         case when event_type = 'OrderCreated' then payload ->> 'customer_id' end as customer_id,
-        case
+        -- cast outside the case, which drops the type modifier; the marts' contracts declare it
+        (case
             when event_type = 'OrderCreated' then {{ json_numeric("payload -> 'order_total'") }}
-        end as order_total,
+        end)::numeric(12, 2) as order_total,
         case
             when event_type in ('OrderCreated', 'PaymentProcessed') then payload ->> 'currency'
         end as currency,
@@ -96,9 +97,9 @@ typed as (
         end as item_count,
 
         case when event_type = 'PaymentProcessed' then payload ->> 'payment_id' end as payment_id,
-        case
+        (case
             when event_type = 'PaymentProcessed' then {{ json_numeric("payload -> 'amount'") }}
-        end as payment_amount,
+        end)::numeric(12, 2) as payment_amount,
         case when event_type = 'PaymentProcessed' then payload ->> 'method' end as payment_method,
 
         case when event_type = 'ItemShipped' then payload ->> 'shipment_id' end as shipment_id,
