@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from orderflow_dagster.ingest.generator import Outgoing, generate
 from orderflow_dagster.ingest.producer import EventProducer
 from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.ranges import merge_intervals
+
+
+@contextmanager
+def scratch_database(server_dsn: str) -> Iterator[str]:
+    """A fresh, empty database on the server of `server_dsn`, dropped afterwards: the dbt marts
+    read every topic of a database, so a test that builds them needs one of its own."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))
 
 
 def produce(bootstrap: str, topic: str, outgoing: list[Outgoing]) -> None:
@@ -80,6 +98,18 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
     committed = kafka_source.committed(consumer, topic, parts)
     ends = {p: (spans[p][-1][1] if p in spans else None) for p in parts}
     return Invariants(produced, raw, dead, dupes, contiguous, ends, committed, distinct)
+
+
+def mart_duplicates(conn: psycopg.Connection, schema: str = "analytics") -> int:
+    """Rows beyond one per event_id in the marts keyed by event (the dedup dbt promises)."""
+    return sum(
+        conn.execute(
+            sql.SQL("select count(*) - count(distinct event_id) from {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(table)
+            )
+        ).fetchone()[0]
+        for table in ("order_events", "order_status_history")
+    )
 
 
 def table_checksums(conn: psycopg.Connection, topic: str) -> dict[str, tuple]:
