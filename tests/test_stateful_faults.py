@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 
 import psycopg
@@ -75,9 +76,9 @@ class Interleavings(RuleBasedStateMachine):
         super().__init__()
         self.cfg, self.info = self.stack
         self.topic = fresh(self.cfg, self.info)
-        self._database = scratch_database(self.info.dsn)
-        self.dsn = self._database.__enter__()
-        self.conn = psycopg.connect(self.dsn, autocommit=True)
+        self._closing = ExitStack()
+        self.dsn = self._closing.enter_context(scratch_database(self.info.dsn))
+        self.conn = self._closing.enter_context(psycopg.connect(self.dsn, autocommit=True))
         store.ensure_schema(self.conn)
         self.consumer = kafka_source.open_consumer(self.info.bootstrap_servers, GROUP)
         self.outgoing: list = []
@@ -90,13 +91,13 @@ class Interleavings(RuleBasedStateMachine):
     def unlanded(self) -> list:
         return store.topic_progress(self.conn, self.topic).unlanded()
 
-    @initialize(orders=st.integers(5, 25), seed=st.integers(0, 2**16))
-    def first_orders(self, orders: int, seed: int) -> None:
-        self.produce_orders(orders, seed)
+    @initialize(orders=st.integers(5, 25), stream_seed=st.integers(0, 2**16))
+    def first_orders(self, orders: int, stream_seed: int) -> None:
+        self.produce_orders(orders, stream_seed)
 
-    @rule(orders=st.integers(1, 25), seed=st.integers(0, 2**16))
-    def produce_orders(self, orders: int, seed: int) -> None:
-        self.send(list(generate(orders, seed=seed, duplicate_rate=0.1, poison_rate=0.02)))
+    @rule(orders=st.integers(1, 25), stream_seed=st.integers(0, 2**16))
+    def produce_orders(self, orders: int, stream_seed: int) -> None:
+        self.send(list(generate(orders, seed=stream_seed, duplicate_rate=0.1, poison_rate=0.02)))
 
     @precondition(lambda self: any(o.event is not None for o in self.outgoing))
     @rule(
@@ -109,9 +110,10 @@ class Interleavings(RuleBasedStateMachine):
         chosen = [events[i % len(events)] for i in picks]
         self.send([replace(o, kind="duplicate", partition=partition) for o in chosen])
 
-    @rule(seed=st.integers(0, 2**16))
-    def produce_poison(self, seed: int) -> None:
-        self.send([o for o in generate(2, seed=seed, poison_rate=1.0) if o.kind == "poison"])
+    @rule(stream_seed=st.integers(0, 2**16))
+    def produce_poison(self, stream_seed: int) -> None:
+        poison = generate(2, seed=stream_seed, poison_rate=1.0)
+        self.send([o for o in poison if o.kind == "poison"])
 
     @rule()
     def sensor_tick(self) -> None:
@@ -207,8 +209,7 @@ class Interleavings(RuleBasedStateMachine):
             self.catch_up_and_check()
         finally:
             self.consumer.close()
-            self.conn.close()
-            self._database.__exit__(None, None, None)
+            self._closing.close()
 
     def catch_up_and_check(self) -> None:
         recovery = time.monotonic()
@@ -231,9 +232,10 @@ class Interleavings(RuleBasedStateMachine):
             }
 
 
-# A fixed seed whose examples cover every rule (crashes, a restart and a build within one example)
-# in CI; a longer soak: ORDERFLOW_TEST_STATEFUL_EXAMPLES=50 ORDERFLOW_TEST_STATEFUL_SEED=<any>.
-SEED = int(os.environ.get("ORDERFLOW_TEST_STATEFUL_SEED", "20"))
+# A fixed seed whose examples use every rule, with crashes at most crash points and a broker
+# restart and a dbt build between landings. Any seed must pass; a longer soak:
+# ORDERFLOW_TEST_STATEFUL_EXAMPLES=50 ORDERFLOW_TEST_STATEFUL_SEED=<any>.
+SEED = int(os.environ.get("ORDERFLOW_TEST_STATEFUL_SEED", "22"))
 EXAMPLES = int(os.environ.get("ORDERFLOW_TEST_STATEFUL_EXAMPLES", "4"))
 
 
@@ -244,7 +246,7 @@ def test_random_interleavings_of_faults_land_everything_exactly_once(faulty_stac
         seed(SEED)(Interleavings),
         settings=settings(
             max_examples=EXAMPLES,
-            stateful_step_count=10,
+            stateful_step_count=20,
             deadline=None,
             # no shrinking: every step costs seconds against real services, and a failure
             # prints the steps that produced it anyway
