@@ -141,19 +141,24 @@ def kinds(outgoing: list[Outgoing]) -> Counter:
     return Counter(o.kind for o in outgoing)
 
 
-def wait_for_leaders(bootstrap: str, topic: str, timeout: float = 90.0) -> None:
-    """After a broker restart, wait until every partition of `topic` has a leader again (an
-    unclean restart re-elects them some seconds after the broker answers)."""
+def wait_for_leaders(
+    bootstrap: str, topic: str, timeout: float = 90.0, group: str = "leader-probe"
+) -> None:
+    """After a broker restart, wait until every partition of `topic` has a leader again and the
+    coordinator of `group` serves its committed offsets (an unclean restart re-elects leaders and
+    reloads the offsets topic some seconds after the broker answers)."""
     import time
 
     from orderflow_dagster.ingest.errors import KafkaUnavailableError
 
-    consumer = kafka_source.open_consumer(bootstrap, "leader-probe")
+    consumer = kafka_source.open_consumer(bootstrap, group)
     deadline = time.monotonic() + timeout
     try:
         while True:
             try:
-                kafka_source.watermarks(consumer, topic, kafka_source.partitions(consumer, topic))
+                parts = kafka_source.partitions(consumer, topic)
+                kafka_source.watermarks(consumer, topic, parts)
+                kafka_source.committed(consumer, topic, parts)
                 return
             except KafkaUnavailableError:
                 if time.monotonic() > deadline:

@@ -170,7 +170,7 @@ class Interleavings(RuleBasedStateMachine):
         try:
             self.cfg.kafka_broker().kill()
             self.cfg.kafka_broker().start()
-            wait_for_leaders(self.info.bootstrap_servers, self.topic)
+            wait_for_leaders(self.info.bootstrap_servers, self.topic, group=GROUP)
         finally:
             self.consumer = kafka_source.open_consumer(self.info.bootstrap_servers, GROUP)
 
