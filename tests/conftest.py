@@ -8,12 +8,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from orderflow_dagster.stack import manager
 from tests import fault_report as fault_table
+from tests.support import scratch_database
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_HOME = Path(os.environ.get("ORDERFLOW_TEST_HOME", REPO / ".orderflow-test"))
@@ -47,12 +46,8 @@ def stack_dsn(stack: manager.StackInfo) -> str:
 @pytest.fixture
 def postgres_dsn(stack_dsn: str) -> Iterator[str]:
     """A fresh, empty database for one test, dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(stack_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    yield psycopg.conninfo.make_conninfo(stack_dsn, dbname=name)
-    with psycopg.connect(stack_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))
+    with scratch_database(stack_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture

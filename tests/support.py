@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from orderflow_dagster.ingest.generator import Outgoing, generate
 from orderflow_dagster.ingest.producer import EventProducer
 from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.ranges import merge_intervals
+
+
+@contextmanager
+def scratch_database(server_dsn: str) -> Iterator[str]:
+    """A fresh, empty database on the server of `server_dsn`, dropped afterwards: the dbt marts
+    read every topic of a database, so a test that builds them needs one of its own."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))
 
 
 def produce(bootstrap: str, topic: str, outgoing: list[Outgoing]) -> None:
@@ -82,6 +100,18 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
     return Invariants(produced, raw, dead, dupes, contiguous, ends, committed, distinct)
 
 
+def mart_duplicates(conn: psycopg.Connection, schema: str = "analytics") -> int:
+    """Rows beyond one per event_id in the marts keyed by event (the dedup dbt promises)."""
+    return sum(
+        conn.execute(
+            sql.SQL("select count(*) - count(distinct event_id) from {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(table)
+            )
+        ).fetchone()[0]
+        for table in ("order_events", "order_status_history")
+    )
+
+
 def table_checksums(conn: psycopg.Connection, topic: str) -> dict[str, tuple]:
     """Content checksums of the landed tables (without landed_at/run_id: when, not what)."""
     return {
@@ -111,19 +141,24 @@ def kinds(outgoing: list[Outgoing]) -> Counter:
     return Counter(o.kind for o in outgoing)
 
 
-def wait_for_leaders(bootstrap: str, topic: str, timeout: float = 90.0) -> None:
-    """After a broker restart, wait until every partition of `topic` has a leader again (an
-    unclean restart re-elects them some seconds after the broker answers)."""
+def wait_for_leaders(
+    bootstrap: str, topic: str, timeout: float = 90.0, group: str = "leader-probe"
+) -> None:
+    """After a broker restart, wait until every partition of `topic` has a leader again and the
+    coordinator of `group` serves its committed offsets (an unclean restart re-elects leaders and
+    reloads the offsets topic some seconds after the broker answers)."""
     import time
 
     from orderflow_dagster.ingest.errors import KafkaUnavailableError
 
-    consumer = kafka_source.open_consumer(bootstrap, "leader-probe")
+    consumer = kafka_source.open_consumer(bootstrap, group)
     deadline = time.monotonic() + timeout
     try:
         while True:
             try:
-                kafka_source.watermarks(consumer, topic, kafka_source.partitions(consumer, topic))
+                parts = kafka_source.partitions(consumer, topic)
+                kafka_source.watermarks(consumer, topic, parts)
+                kafka_source.committed(consumer, topic, parts)
                 return
             except KafkaUnavailableError:
                 if time.monotonic() > deadline:

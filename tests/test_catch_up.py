@@ -54,7 +54,10 @@ def test_catch_up_lands_a_produced_stream_until_the_lag_is_zero(env, topic):
         assert inv.dead_letters > 0
 
 
-def test_catch_up_killed_midway_finishes_on_the_next_run_without_duplicates(env, topic):
+@pytest.mark.faults
+def test_catch_up_killed_midway_finishes_on_the_next_run_without_duplicates(
+    env, topic, fault_report
+):
     produced = cli("produce", "--orders", "800", "--quiet", env=env)
     messages = int(produced.stdout.split("messages=")[1].split()[0])
     env_small = {**env, "ORDERFLOW_MAX_EVENTS_PER_BATCH": "150"}
@@ -84,8 +87,13 @@ def test_catch_up_killed_midway_finishes_on_the_next_run_without_duplicates(env,
         proc.wait()
         partial = conn.execute("select count(*) from raw.ingest_ledger").fetchone()[0]
         assert partial >= 3
+        rerun = time.monotonic()
         cli("catch-up", "--no-dbt", env=env_small)
-        invariants(conn, consumer, topic, messages).assert_exactly_once()
+        inv = invariants(conn, consumer, topic, messages)
+        fault_report.record_invariants(
+            "2. catch-up SIGKILLed once midway", inv, recovery_s=time.monotonic() - rerun
+        )
+        inv.assert_exactly_once()
 
 
 def test_verify_passes_after_catch_up_and_fails_when_kafka_is_ahead_of_the_ledger(env, topic):

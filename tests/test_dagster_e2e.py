@@ -333,8 +333,9 @@ def test_dagster_ui_shows_the_raw_order_events_asset(
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_nothing(
-    kafka_bootstrap, postgres_dsn, topic, tmp_path
+    kafka_bootstrap, postgres_dsn, topic, tmp_path, fault_report
 ):
     import os
     import signal
@@ -378,6 +379,7 @@ def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_not
             )
             time.sleep(1.0)
             os.killpg(daemon.pid, signal.SIGKILL)
+        recovery = time.monotonic()
         with dagster_daemon(env, tmp_path / "logs-2") as daemon:
             progress = Progress(conn, consumer, instance, topic, len(outgoing))
             inv = wait_until(
@@ -388,6 +390,9 @@ def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_not
                 watch=[daemon],
                 describe=lambda: str(progress),
             )
+        fault_report.record_invariants(
+            "3. Dagster daemon SIGKILLed mid-tick", inv, recovery_s=time.monotonic() - recovery
+        )
         inv.assert_exactly_once()
         rows = ledger(conn, topic)
         keys = [key for key, *_ in rows]

@@ -126,9 +126,16 @@ FAULTS = {
 }
 
 
+SCENARIOS = {
+    "kafka": "4. Kafka broker kill -9 mid-batch",
+    "postgres": "5. Postgres killed mid-batch",
+}
+
+
+@pytest.mark.faults
 @pytest.mark.parametrize("service", sorted(FAULTS))
 def test_a_service_dying_mid_batch_leaves_nothing_half_written_and_the_batch_lands_after_restart(
-    faulty_stack, tmp_path, service
+    faulty_stack, tmp_path, service, fault_report
 ):
     cfg, info = faulty_stack
     kill, error_name, restart = FAULTS[service]
@@ -137,13 +144,18 @@ def test_a_service_dying_mid_batch_leaves_nothing_half_written_and_the_batch_lan
     result = land_with_fault(info, topic, tmp_path, kill(cfg))
     assert result.returncode != 0, result.stderr[-3000:]
     assert error_name in result.stderr, result.stderr[-2000:]
+    recovery = time.monotonic()
     restart(cfg, info, topic)
     with connections(info.bootstrap_servers, info.dsn) as (conn, consumer):
         # the interrupted transaction left nothing behind; a range fully read before Kafka died
         # may have committed in Postgres, but no range is ever there in part
         assert_nothing_half_written(conn, topic)
         land_all(conn, consumer, topic, max_events=100_000)
-        invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
+        inv = invariants(conn, consumer, topic, len(outgoing))
+        fault_report.record_invariants(
+            SCENARIOS[service], inv, recovery_s=time.monotonic() - recovery
+        )
+        inv.assert_exactly_once()
     with psycopg.connect(info.dsn) as conn:
         assert conn.execute(
             "select count(*) from raw.order_events where topic = %s", (topic,)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 
@@ -90,14 +91,21 @@ def test_a_stream_with_duplicates_and_poison_lands_exactly_once(
     assert outcomes["duplicate"] == sum(o.kind == "duplicate" for o in outgoing) > 0
 
 
+@pytest.mark.faults
 def test_landing_the_same_partition_twice_leaves_identical_tables(
-    kafka_bootstrap, postgres_dsn, topic
+    kafka_bootstrap, postgres_dsn, topic, fault_report
 ):
-    produce_orders(kafka_bootstrap, topic, 60, poison_rate=0.05)
+    outgoing = produce_orders(kafka_bootstrap, topic, 60, poison_rate=0.05)
     with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
         first = land_all(conn, consumer, topic)
         before = table_checksums(conn, topic)
+        rerun = time.monotonic()
         again = [land_range(r.range, conn=conn, consumer=consumer, run_id="rerun") for r in first]
+        inv = invariants(conn, consumer, topic, len(outgoing))
+        fault_report.record_invariants(
+            "7. backfill of landed ranges", inv, recovery_s=time.monotonic() - rerun
+        )
+        inv.assert_exactly_once()
         assert table_checksums(conn, topic) == before
         assert all(r.rows_landed == 0 and r.already_landed == r.range.size for r in again)
 
@@ -140,11 +148,16 @@ def test_the_kafka_commit_never_passes_a_gap(kafka_bootstrap, postgres_dsn, topi
         assert kafka_source.committed(consumer, topic, [0])[0] == p0[2].end
 
 
-def test_two_runs_of_the_same_range_at_once_land_it_once(kafka_bootstrap, postgres_dsn, topic):
+@pytest.mark.faults
+def test_two_runs_of_the_same_range_at_once_land_it_once(
+    kafka_bootstrap, postgres_dsn, topic, fault_report
+):
     outgoing = produce_orders(kafka_bootstrap, topic, 100)
     with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
         plan = plan_ranges(conn, consumer, topic, max_events_per_batch=10_000, max_inflight=1)
     results = []
+    # nothing is restarted here: the "recovery" is the two racing runs themselves
+    started = time.monotonic()
 
     def run(name):
         with connections(kafka_bootstrap, postgres_dsn) as (c, k):
@@ -155,6 +168,12 @@ def test_two_runs_of_the_same_range_at_once_land_it_once(kafka_bootstrap, postgr
         t.start()
     for t in threads:
         t.join()
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        inv = invariants(conn, consumer, topic, len(outgoing))
+    fault_report.record_invariants(
+        "6. two runs of one range at once", inv, recovery_s=time.monotonic() - started
+    )
+    inv.assert_exactly_once()
     assert len(results) == 2
     # per range: one run landed it, the other found it in the ledger and did nothing
     for first, second in zip(*results, strict=True):
@@ -162,8 +181,6 @@ def test_two_runs_of_the_same_range_at_once_land_it_once(kafka_bootstrap, postgr
         work = sorted([first.messages_read, second.messages_read])
         assert work[0] == 0 and work[1] > 0
         assert sorted([first.already_landed, second.already_landed]) == [0, first.range.size]
-    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
-        invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
 
 
 CRASH_SCRIPT = """
@@ -184,10 +201,12 @@ land_range(OffsetRange.from_key(sys.argv[4]), conn=conn, consumer=consumer, run_
         ("mid_copy", 0),
         ("after_copy_before_commit", 0),
         ("after_db_commit_before_kafka_commit", 1),
+        ("in_kafka_commit", 1),
     ],
 )
+@pytest.mark.faults
 def test_a_crash_at_any_point_loses_nothing_and_duplicates_nothing_after_a_rerun(
-    kafka_bootstrap, postgres_dsn, topic, crash_at, ledger_after_crash
+    kafka_bootstrap, postgres_dsn, topic, crash_at, ledger_after_crash, fault_report
 ):
     outgoing = produce_orders(kafka_bootstrap, topic, 40, poison_rate=0.05)
     with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
@@ -209,8 +228,13 @@ def test_a_crash_at_any_point_loses_nothing_and_duplicates_nothing_after_a_rerun
         assert ledger == ledger_after_crash
         # Kafka is never ahead of Postgres, whatever the crash point
         assert kafka_source.committed(consumer, topic, [victim.partition])[victim.partition] is None
+        rerun = time.monotonic()
         land_all(conn, consumer, topic, max_events=10_000)
-        invariants(conn, consumer, topic, len(outgoing)).assert_exactly_once()
+        inv = invariants(conn, consumer, topic, len(outgoing))
+        fault_report.record_invariants(
+            f"1. SIGKILL at {crash_at}", inv, recovery_s=time.monotonic() - rerun
+        )
+        inv.assert_exactly_once()
 
 
 def _joins_without_an_index(plan: dict) -> list[str]:

@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 
 from orderflow_dagster.ingest.generator import generate
 from orderflow_dagster.transform.dbt import DBT_PROJECT_DIR, run_dbt_build
-from tests.support import invariants, produce
+from tests.support import invariants, mart_duplicates, produce
 from tests.test_catch_up import cli
 from tests.test_landing import connections
 
@@ -92,15 +92,41 @@ def actual_rows(dsn: str) -> list[dict]:
     return rows
 
 
-def test_order_status_equals_the_oracle_across_incremental_rounds_and_a_full_refresh(env):
+def record_trial(env, fault_report, produced: int, recovery_s: float):
+    with connections(
+        env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"],
+        env["ORDERFLOW_POSTGRES_DSN"],
+        env["ORDERFLOW_CONSUMER_GROUP"],
+    ) as (conn, consumer):
+        inv = invariants(conn, consumer, env["ORDERFLOW_TOPIC"], produced)
+        duplicates = mart_duplicates(conn)
+    fault_report.record_invariants(
+        "9. same event_ids at new offsets", inv, recovery_s=recovery_s, mart_duplicates=duplicates
+    )
+    return inv, duplicates
+
+
+@pytest.mark.faults
+def test_order_status_equals_the_oracle_across_incremental_rounds_and_a_full_refresh(
+    env, fault_report
+):
     everything = []
     # rounds use different seeds (new orders) and the same seed again (a full upstream replay:
     # the same event_ids at new offsets)
-    for seed, orders in ((11, 300), (12, 200), (11, 300)):
+    rounds = ((11, 300), (12, 200), (11, 300))
+    for i, (seed, orders) in enumerate(rounds):
         outgoing = mixed_stream(orders, seed)
         produce(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_TOPIC"], outgoing)
         everything += outgoing
+        replay = time.monotonic()
         done = cli("catch-up", env=env)
+        if i == len(rounds) - 1:
+            # the replay round is the fault: its catch-up is the recovery
+            inv, duplicates = record_trial(
+                env, fault_report, len(everything), time.monotonic() - replay
+            )
+            inv.assert_exactly_once()
+            assert duplicates == 0
         assert "lag:          0" in done.stdout and "dbt models:   built" in done.stdout
         expected = oracle_rows(everything)
         actual = actual_rows(env["ORDERFLOW_POSTGRES_DSN"])
@@ -196,16 +222,14 @@ def test_dbt_killed_halfway_through_a_build_leaves_the_marts_equal_to_the_oracle
     actual = actual_rows(dsn)
     with connections(bootstrap, dsn, env["ORDERFLOW_CONSUMER_GROUP"]) as (conn, consumer):
         inv = invariants(conn, consumer, topic, len(everything))
-        mart_duplicates = conn.execute(
-            "select count(*) - count(distinct event_id) from analytics.order_events"
-        ).fetchone()[0]
+        duplicates = mart_duplicates(conn)
     fault_report.record_invariants(
         f"1. SIGKILL at in_dbt ({path})",
         inv,
         recovery_s=time.monotonic() - recovery,
-        mart_duplicates=mart_duplicates,
+        mart_duplicates=duplicates,
     )
     assert not orphans, "dbt outlived the process that ran it"
     inv.assert_exactly_once()
-    assert mart_duplicates == 0
+    assert duplicates == 0
     assert actual == expected

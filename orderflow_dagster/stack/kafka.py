@@ -289,7 +289,11 @@ class KafkaBroker:
         """Wait until the broker answers; on failure, raise with the tail of its log."""
         deadline = time.monotonic() + timeout
         while not self.answers():
-            if not self.is_running():
+            # Whether the PID file's process lives, not is_running(): just after the fork its
+            # command line can still read empty (the exec is under way), which is_running()
+            # would take for a recycled PID and report as an exit.
+            pid = read_pid(self.pid_file)
+            if pid is None or not pid_alive(pid):
                 raise StackError(f"Kafka exited during startup. {self._log_excerpt()}")
             if time.monotonic() >= deadline:
                 raise StackError(
