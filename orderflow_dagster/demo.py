@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from orderflow_dagster import settings
+from orderflow_dagster.serve.catch_up import EXIT_MARTS_OUT_OF_DATE
 
 DEMO_ORDERS = int(os.environ.get("ORDERFLOW_DEMO_ORDERS", "3000"))
 UI_PORT = os.environ.get("ORDERFLOW_UI_PORT", "3000")
@@ -60,6 +61,10 @@ def main() -> int:
     )
     _say("catching up: planning offset ranges, landing them, building the dbt models")
     caught_up = subprocess.run([orderflow, "catch-up"])
+    if caught_up.returncode == EXIT_MARTS_OUT_OF_DATE:
+        # a demo stack left by an older version of the project: its marts are only demo data
+        _say("the marts come from an older version of the project: rebuilding them (full refresh)")
+        caught_up = subprocess.run([orderflow, "catch-up", "--full-refresh"])
     if caught_up.returncode != 0:
         _say("catch-up failed; see above")
         return caught_up.returncode

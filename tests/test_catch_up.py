@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from orderflow_dagster.land import kafka_source
+from orderflow_dagster.serve.catch_up import EXIT_MARTS_OUT_OF_DATE
 from tests.support import invariants
 from tests.test_landing import connections
 
@@ -122,3 +124,29 @@ def test_verify_reports_gaps_and_overlaps_in_the_ledger():
     assert ledger_gaps({0: [(0, 10), (12, 20), (15, 30)]}) == {
         0: ["gap [10, 12)", "overlap [15, 20)"]
     }
+
+
+def test_marts_built_by_another_version_fail_clearly_and_a_full_refresh_rebuilds_them(env):
+    cli("produce", "--orders", "60", "--quiet", env=env)
+    cli("catch-up", env=env)
+    dsn = env["ORDERFLOW_POSTGRES_DSN"]
+    # what an older release left behind: a mart column of another type than the model's
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("alter table analytics.order_events alter column order_total type numeric")
+    cli("produce", "--orders", "20", "--quiet", env=env)
+    stale = cli("catch-up", env=env, check=False)
+    assert stale.returncode == EXIT_MARTS_OUT_OF_DATE, stale.stdout + stale.stderr
+    assert "orderflow catch-up --full-refresh" in stale.stderr
+    rebuilt = cli("catch-up", "--full-refresh", env=env)
+    assert "dbt models:   built" in rebuilt.stdout
+    with psycopg.connect(dsn) as conn:
+        column_type = conn.execute(
+            "select format_type(atttypid, atttypmod) from pg_attribute"
+            " where attrelid = 'analytics.order_events'::regclass and attname = 'order_total'"
+        ).fetchone()[0]
+        missing = conn.execute(
+            "select count(*) from raw.order_events r where not exists"
+            " (select 1 from analytics.order_events e where e.event_id = r.event_id)"
+        ).fetchone()[0]
+    assert column_type == "numeric(12,2)"
+    assert missing == 0  # the later orders are in the rebuilt marts

@@ -670,3 +670,15 @@ def _reset_schemas(dsn: str, *, recreate: bool = True) -> None:
             conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(schema)))
         if recreate:
             conn.execute(SCHEMA_SQL.read_text())
+
+
+def test_an_out_of_sync_incremental_model_is_told_apart_from_other_dbt_failures():
+    from orderflow_dagster.transform.dbt import marts_out_of_date
+
+    assert marts_out_of_date(
+        [
+            "Compilation Error in model order_events (models/marts/order_events.sql)",
+            "  The source and target schemas on this incremental model are out of sync!",
+        ]
+    )
+    assert not marts_out_of_date(["Database Error in model order_status", "  syntax error"])

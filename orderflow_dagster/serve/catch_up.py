@@ -50,7 +50,9 @@ def _instance() -> DagsterInstance:
     return DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
 
 
-def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
+def catch_up(
+    *, run_dbt: bool = True, full_refresh: bool = False, max_rounds: int = 1000
+) -> CatchUpReport:
     # imported here: loading Dagster definitions is slow, and `--help` should not pay for it
     from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
     from orderflow_dagster.defs.resources import resources_from_env
@@ -98,7 +100,7 @@ def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
     if not report.failed and run_dbt:
         from orderflow_dagster.transform.dbt import run_dbt_build
 
-        run_dbt_build(postgres.dsn)
+        run_dbt_build(postgres.dsn, full_refresh=full_refresh)
         report.modelled = True
 
     with postgres.connect() as conn, kafka.consumer() as consumer:
@@ -121,8 +123,18 @@ def catch_up(*, run_dbt: bool = True, max_rounds: int = 1000) -> CatchUpReport:
     return report
 
 
+# exit status of `orderflow catch-up` when the marts need `--full-refresh` (after an upgrade)
+EXIT_MARTS_OUT_OF_DATE = 3
+
+
 def _run(args: argparse.Namespace) -> int:
-    report = catch_up(run_dbt=not args.no_dbt)
+    from orderflow_dagster.transform.dbt import MartsOutOfDateError
+
+    try:
+        report = catch_up(run_dbt=not args.no_dbt, full_refresh=args.full_refresh)
+    except MartsOutOfDateError as exc:
+        print(f"catch-up FAILED: {exc}", file=sys.stderr)
+        return EXIT_MARTS_OUT_OF_DATE
     for line in report.lines(settings.topic()):
         print(line)
     if report.failed:
@@ -139,4 +151,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "catch-up", help="plan, land and model in-process until the lag is zero, then exit"
     )
     parser.add_argument("--no-dbt", action="store_true", help="land only; skip the dbt build")
+    parser.add_argument(
+        "--full-refresh",
+        action="store_true",
+        help="rebuild the dbt marts from raw (needed once after an upgrade changed them;"
+        f" catch-up exits {EXIT_MARTS_OUT_OF_DATE} when it is)",
+    )
     parser.set_defaults(func=_run)

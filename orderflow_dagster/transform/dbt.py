@@ -238,9 +238,29 @@ def run_dbt_build(
                 faults.crash_point("in_dbt", children=[proc.pid])
         returncode = proc.wait()
     if returncode != 0:
+        output = "\n".join(tail)
+        if marts_out_of_date(tail):
+            raise MartsOutOfDateError(
+                "the incremental marts were built by another version of the dbt project (their"
+                " columns or types differ from the models'): rebuild them once with"
+                " `orderflow catch-up --full-refresh`. dbt's output ends with:\n" + output
+            )
         raise RuntimeError(
-            f"dbt build failed (exit code {returncode}); the end of its output:\n" + "\n".join(tail)
+            f"dbt build failed (exit code {returncode}); the end of its output:\n" + output
         )
+
+
+class MartsOutOfDateError(RuntimeError):
+    """An incremental mart's table no longer matches its model (an upgrade changed a column or
+    its type): only a full refresh can rebuild it; an incremental run never will."""
+
+
+# what dbt prints when an incremental model's table and its SQL disagree on columns or types
+_OUT_OF_SYNC = "schemas on this incremental model are out of sync"
+
+
+def marts_out_of_date(lines: Iterable[str]) -> bool:
+    return any(_OUT_OF_SYNC in line for line in lines)
 
 
 # dbt's progress lines: "12:00:01  7 of 31 OK created sql incremental model analytics.order_events"
