@@ -142,8 +142,13 @@ def _maven_copy_dependencies(pom: Path, output_dir: Path) -> None:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 characters)."""
-    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 characters),
+    never starting with "-": the storage tool would read it as an option (1 id in 64 did, and
+    the stack could then never start). Kafka's own Uuid.randomUuid() skips those too."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def render_server_properties(port: int, controller_port: int, data_dir: Path) -> str:
@@ -323,7 +328,9 @@ class KafkaBroker:
     def _format_storage_once(self) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
-        if not self.cluster_id_file.exists():
+        # storage is not formatted yet, so no broker knows the id: a missing one, or one left by
+        # a version that could write a leading "-", can still be replaced
+        if not self.cluster_id_file.exists() or self.cluster_id_file.read_text().startswith("-"):
             self.cluster_id_file.write_text(new_cluster_id() + "\n")
         cluster_id = self.cluster_id_file.read_text().strip()
         log("formatting Kafka storage (first start)")
