@@ -79,3 +79,49 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     (TEST_HOME / "fault-report.md").write_text(f"{caption}\n\n{report.markdown()}")
     if os.environ.get("ORDERFLOW_WRITE_FAULT_TABLE"):
         fault_table.splice(REPO / "docs" / "reliability.md", report.markdown(), caption)
+
+
+@pytest.fixture
+def dagster_testbed(kafka_bootstrap, postgres_dsn, topic, tmp_path):
+    """A factory of `tests.dagster_processes.Testbed` on this test's topic and database, closed
+    after the test: `dagster_testbed(orders=300, group_prefix="e2e", extra={...})`."""
+    from tests.dagster_processes import open_testbed
+
+    opened = []
+
+    def make(*, orders: int, group_prefix: str, extra: dict[str, str]):
+        bed = open_testbed(
+            tmp_path,
+            bootstrap_servers=kafka_bootstrap,
+            dsn=postgres_dsn,
+            topic=topic,
+            orders=orders,
+            group_prefix=group_prefix,
+            extra=extra,
+        )
+        opened.append(bed)
+        return bed
+
+    yield make
+    for bed in opened:
+        bed.close()
+
+
+@pytest.fixture
+def cli_env(kafka_bootstrap, postgres_dsn, topic, tmp_path):
+    """A factory of the environment an `orderflow` subprocess of this test runs with: the test's
+    services, topic and database, its own consumer group and DAGSTER_HOME."""
+
+    def make(*, group: str, max_events_per_batch: int, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "ORDERFLOW_POSTGRES_DSN": postgres_dsn,
+            "ORDERFLOW_TOPIC": topic,
+            "ORDERFLOW_CONSUMER_GROUP": group,
+            "ORDERFLOW_MAX_EVENTS_PER_BATCH": str(max_events_per_batch),
+            "DAGSTER_HOME": str(tmp_path),
+            **extra,
+        }
+
+    return make

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -23,7 +24,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+import psycopg
 import yaml
+from confluent_kafka import Consumer
+from dagster import DagsterInstance
+
+from orderflow_dagster.land import kafka_source
+from tests.support import produce_orders
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -271,3 +278,53 @@ def http_get(url: str, timeout_s: float = 5.0) -> str | None:
 
 def wait_for_http(url: str, proc: ManagedProcess, timeout_s: float = 120.0) -> str:
     return wait_until(lambda: http_get(url), timeout_s=timeout_s, what=url, watch=[proc])
+
+
+@dataclass
+class Testbed:
+    """A produced stream and what a test against Dagster processes needs around it: the
+    DAGSTER_HOME, the processes' environment, and a connection, consumer and instance to watch."""
+
+    outgoing: list
+    home: Path
+    group: str
+    env: dict[str, str]
+    conn: psycopg.Connection
+    consumer: Consumer
+    instance: DagsterInstance
+
+    def close(self) -> None:
+        self.instance.dispose()
+        self.consumer.close()
+        self.conn.close()
+
+
+def open_testbed(
+    tmp_path: Path,
+    *,
+    bootstrap_servers: str,
+    dsn: str,
+    topic: str,
+    orders: int,
+    group_prefix: str,
+    extra: Mapping[str, str],
+) -> Testbed:
+    outgoing = produce_orders(
+        bootstrap_servers, topic, orders, duplicate_rate=0.1, poison_rate=0.05
+    )
+    home = make_dagster_home(tmp_path / "dagster_home")
+    group = f"{group_prefix}-{uuid.uuid4().hex[:8]}"
+    env = orderflow_env(
+        dagster_home=home,
+        bootstrap_servers=bootstrap_servers,
+        dsn=dsn,
+        topic=topic,
+        consumer_group=group,
+        extra=extra,
+    )
+    conn = psycopg.connect(dsn, autocommit=True)
+    consumer = kafka_source.open_consumer(bootstrap_servers, group)
+    # opened (and its SQLite storage created) before any Dagster process starts, so they never
+    # race to initialise it
+    instance = DagsterInstance.from_config(str(home))
+    return Testbed(outgoing, home, group, env, conn, consumer, instance)

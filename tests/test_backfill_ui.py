@@ -8,24 +8,19 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
 
-import psycopg
 import pytest
 from dagster import DagsterInstance, RunsFilter
 
 from orderflow_dagster.defs.assets import offset_ranges
-from orderflow_dagster.land import kafka_source
 from tests.dagster_processes import (
     dagster_daemon,
     dagster_webserver,
     free_port,
-    make_dagster_home,
-    orderflow_env,
     wait_for_http,
     wait_until,
 )
-from tests.support import invariants, produce_orders, table_checksums
+from tests.support import invariants, table_checksums
 from tests.test_catch_up import cli
 from tests.test_dagster_e2e import ASSET, PARTITION_TAG, ledger, run_summary
 
@@ -126,67 +121,60 @@ def rows_landed_by_run(instance: DagsterInstance) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.faults
 def test_a_backfill_of_landed_partitions_from_the_ui_twice_leaves_the_tables_byte_identical(
-    kafka_bootstrap, postgres_dsn, topic, tmp_path, fault_report
+    topic, tmp_path, fault_report, dagster_testbed
 ):
-    outgoing = produce_orders(kafka_bootstrap, topic, ORDERS, duplicate_rate=0.1, poison_rate=0.05)
-    home = make_dagster_home(tmp_path / "dagster_home")
-    group = f"orderflow-backfill-{uuid.uuid4().hex[:8]}"
-    env = orderflow_env(
-        dagster_home=home,
-        bootstrap_servers=kafka_bootstrap,
-        dsn=postgres_dsn,
-        topic=topic,
-        consumer_group=group,
+    bed = dagster_testbed(
+        orders=ORDERS,
+        group_prefix="orderflow-backfill",
         extra={"ORDERFLOW_MAX_EVENTS_PER_BATCH": str(MAX_EVENTS_PER_BATCH)},
+    )
+    outgoing, env, conn, consumer, instance = (
+        bed.outgoing,
+        bed.env,
+        bed.conn,
+        bed.consumer,
+        bed.instance,
     )
     # landed by the asset in runs of the instance the UI shows, one partition per range
     cli("catch-up", "--no-dbt", env=env)
-    conn = psycopg.connect(postgres_dsn, autocommit=True)
-    consumer = kafka_source.open_consumer(kafka_bootstrap, group)
-    instance = DagsterInstance.from_config(str(home))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    try:
-        keys = [key for key, *_ in ledger(conn, topic)]
-        assert sorted(instance.get_dynamic_partitions(offset_ranges.name)) == sorted(keys)
-        assert len(keys) >= 4, keys
-        before = table_checksums(conn, topic)
-        after: list[dict] = []
-        backfill_runs: list[list[dict]] = []
-        with dagster_webserver(env, tmp_path / "logs", port) as web:
-            wait_for_http(f"{base}/server_info", web)
-            # the marts are not under test; a dbt build would only compete for the run slots
-            stop_sensor(base, "dbt_after_landing_sensor")
-            with dagster_daemon(env, tmp_path / "logs") as daemon:
-                recovery = time.monotonic()
-                for attempt in (1, 2):
-                    backfill_id = backfill(base, keys, f"re-land every range, {attempt} of 2")
-                    done = wait_until(
-                        lambda backfill_id=backfill_id: finished_backfill(base, backfill_id),
-                        timeout_s=BACKFILL_TIMEOUT_S,
-                        interval_s=2.0,
-                        what=f"backfill {backfill_id} of {len(keys)} partitions",
-                        watch=[web, daemon],
-                        describe=lambda: run_summary(instance),
-                    )
-                    assert done["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, done
-                    backfill_runs.append(done["runs"])
-                    after.append(table_checksums(conn, topic))
-                inv = invariants(conn, consumer, topic, len(outgoing))
-                recovery_s = time.monotonic() - recovery
-        fault_report.record_invariants(
-            "7. backfill of landed partitions via the UI API", inv, recovery_s=recovery_s
-        )
-        landed_rows = rows_landed_by_run(instance)
-        for runs in backfill_runs:
-            assert {r["status"] for r in runs} == {"SUCCESS"}, runs
-            launched = instance.get_runs(filters=RunsFilter(run_ids=[r["runId"] for r in runs]))
-            # one run per landed range, each of which found every record already there
-            assert sorted(r.tags[PARTITION_TAG] for r in launched) == sorted(keys)
-            assert all(landed_rows[r["runId"]] == 0 for r in runs), landed_rows
-        assert after == [before, before]
-        inv.assert_exactly_once()
-    finally:
-        instance.dispose()
-        consumer.close()
-        conn.close()
+    keys = [key for key, *_ in ledger(conn, topic)]
+    assert sorted(instance.get_dynamic_partitions(offset_ranges.name)) == sorted(keys)
+    assert len(keys) >= 4, keys
+    before = table_checksums(conn, topic)
+    after: list[dict] = []
+    backfill_runs: list[list[dict]] = []
+    with dagster_webserver(env, tmp_path / "logs", port) as web:
+        wait_for_http(f"{base}/server_info", web)
+        # the marts are not under test; a dbt build would only compete for the run slots
+        stop_sensor(base, "dbt_after_landing_sensor")
+        with dagster_daemon(env, tmp_path / "logs") as daemon:
+            recovery = time.monotonic()
+            for attempt in (1, 2):
+                backfill_id = backfill(base, keys, f"re-land every range, {attempt} of 2")
+                done = wait_until(
+                    lambda backfill_id=backfill_id: finished_backfill(base, backfill_id),
+                    timeout_s=BACKFILL_TIMEOUT_S,
+                    interval_s=2.0,
+                    what=f"backfill {backfill_id} of {len(keys)} partitions",
+                    watch=[web, daemon],
+                    describe=lambda: run_summary(instance),
+                )
+                assert done["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, done
+                backfill_runs.append(done["runs"])
+                after.append(table_checksums(conn, topic))
+            inv = invariants(conn, consumer, topic, len(outgoing))
+            recovery_s = time.monotonic() - recovery
+    fault_report.record_invariants(
+        "7. backfill of landed partitions via the UI API", inv, recovery_s=recovery_s
+    )
+    landed_rows = rows_landed_by_run(instance)
+    for runs in backfill_runs:
+        assert {r["status"] for r in runs} == {"SUCCESS"}, runs
+        launched = instance.get_runs(filters=RunsFilter(run_ids=[r["runId"] for r in runs]))
+        # one run per landed range, each of which found every record already there
+        assert sorted(r.tags[PARTITION_TAG] for r in launched) == sorted(keys)
+        assert all(landed_rows[r["runId"]] == 0 for r in runs), landed_rows
+    assert after == [before, before]
+    inv.assert_exactly_once()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -29,16 +28,8 @@ def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture
-def env(kafka_bootstrap, postgres_dsn, topic, tmp_path):
-    return {
-        **os.environ,
-        "ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "ORDERFLOW_POSTGRES_DSN": postgres_dsn,
-        "ORDERFLOW_TOPIC": topic,
-        "ORDERFLOW_CONSUMER_GROUP": f"catch-up-{topic}",
-        "ORDERFLOW_MAX_EVENTS_PER_BATCH": "400",
-        "DAGSTER_HOME": str(tmp_path),
-    }
+def env(cli_env, topic):
+    return cli_env(group=f"catch-up-{topic}", max_events_per_batch=400)
 
 
 def test_catch_up_lands_a_produced_stream_until_the_lag_is_zero(env, topic):

@@ -30,7 +30,7 @@ from tests.dagster_processes import (
     wait_for_http,
     wait_until,
 )
-from tests.support import Invariants, invariants, produce_orders
+from tests.support import Invariants, invariants
 
 ASSET = AssetKey("raw_order_events")
 SENSOR = "kafka_offset_ranges_sensor"
@@ -149,84 +149,75 @@ def finished_landing_runs(instance: DagsterInstance):
 
 @pytest.mark.slow
 def test_sensor_path_through_the_real_daemon_lands_a_stream_with_lag_zero(
-    kafka_bootstrap, postgres_dsn, topic, tmp_path
+    topic, tmp_path, dagster_testbed
 ):
-    outgoing = produce_orders(kafka_bootstrap, topic, ORDERS, duplicate_rate=0.1, poison_rate=0.05)
-    home = make_dagster_home(tmp_path / "dagster_home")
-    group = f"orderflow-e2e-{uuid.uuid4().hex[:8]}"
-    env = orderflow_env(
-        dagster_home=home,
-        bootstrap_servers=kafka_bootstrap,
-        dsn=postgres_dsn,
-        topic=topic,
-        consumer_group=group,
+    bed = dagster_testbed(
+        orders=ORDERS,
+        group_prefix="orderflow-e2e",
         extra={
             "ORDERFLOW_MAX_EVENTS_PER_BATCH": str(MAX_EVENTS_PER_BATCH),
             "ORDERFLOW_MAX_INFLIGHT": str(MAX_INFLIGHT),
         },
     )
-    conn = psycopg.connect(postgres_dsn, autocommit=True)
-    consumer = kafka_source.open_consumer(kafka_bootstrap, group)
-    # opened (and its SQLite storage created) before the daemon starts, so the two never race
-    # to initialise it
-    instance = DagsterInstance.from_config(str(home))
-    try:
-        with dagster_daemon(env, tmp_path / "logs") as daemon:
-            started = time.monotonic()
-            progress = Progress(conn, consumer, instance, topic, len(outgoing))
-            inv = wait_until(
-                progress.landed_everything,
-                timeout_s=LAND_TIMEOUT_S,
-                interval_s=2.0,
-                what=f"the daemon to land all {len(outgoing)} messages of {topic}",
-                watch=[daemon],
-                describe=lambda: str(progress),
-            )
-            landed_s = time.monotonic() - started
-            inv.assert_exactly_once()
-            assert inv.dead_letters == sum(o.kind == "poison" for o in outgoing) > 0
+    outgoing, env, conn, consumer, instance = (
+        bed.outgoing,
+        bed.env,
+        bed.conn,
+        bed.consumer,
+        bed.instance,
+    )
+    with dagster_daemon(env, tmp_path / "logs") as daemon:
+        started = time.monotonic()
+        progress = Progress(conn, consumer, instance, topic, len(outgoing))
+        inv = wait_until(
+            progress.landed_everything,
+            timeout_s=LAND_TIMEOUT_S,
+            interval_s=2.0,
+            what=f"the daemon to land all {len(outgoing)} messages of {topic}",
+            watch=[daemon],
+            describe=lambda: str(progress),
+        )
+        landed_s = time.monotonic() - started
+        inv.assert_exactly_once()
+        assert inv.dead_letters == sum(o.kind == "poison" for o in outgoing) > 0
 
-            rows = ledger(conn, topic)
-            keys = {key for key, *_ in rows}
-            per_partition = Counter(OffsetRange.from_key(k).partition for k in keys)
-            assert len(keys) == len(rows), rows
-            assert set(per_partition) == {0, 1, 2, 3} and min(per_partition.values()) >= 2, rows
-            assert sum(r for _, _, r, _ in rows) == inv.raw_rows
-            assert sum(d for *_, d in rows) == inv.dead_letters
+        rows = ledger(conn, topic)
+        keys = {key for key, *_ in rows}
+        per_partition = Counter(OffsetRange.from_key(k).partition for k in keys)
+        assert len(keys) == len(rows), rows
+        assert set(per_partition) == {0, 1, 2, 3} and min(per_partition.values()) >= 2, rows
+        assert sum(r for _, _, r, _ in rows) == inv.raw_rows
+        assert sum(d for *_, d in rows) == inv.dead_letters
 
-            # the last run commits its ledger row a moment before Dagster marks it done
-            runs = wait_until(
-                lambda: finished_landing_runs(instance),
-                timeout_s=60,
-                what="every landing run to finish",
-                watch=[daemon],
-                describe=lambda: run_summary(instance),
-            )
-            assert all(r.status == DagsterRunStatus.SUCCESS for r in runs), run_summary(instance)
-            # one run per range: no range was launched twice
-            assert sorted(r.tags[PARTITION_TAG] for r in runs) == sorted(keys)
-            by_id = {r.run_id: r for r in runs}
-            for key, run_id, *_ in rows:  # each ledger row was written by its range's run
-                assert by_id[run_id].tags[PARTITION_TAG] == key
-            assert set(instance.get_dynamic_partitions(offset_ranges.name)) == keys
-            assert instance.get_materialized_partitions(ASSET) == keys
+        # the last run commits its ledger row a moment before Dagster marks it done
+        runs = wait_until(
+            lambda: finished_landing_runs(instance),
+            timeout_s=60,
+            what="every landing run to finish",
+            watch=[daemon],
+            describe=lambda: run_summary(instance),
+        )
+        assert all(r.status == DagsterRunStatus.SUCCESS for r in runs), run_summary(instance)
+        # one run per range: no range was launched twice
+        assert sorted(r.tags[PARTITION_TAG] for r in runs) == sorted(keys)
+        by_id = {r.run_id: r for r in runs}
+        for key, run_id, *_ in rows:  # each ledger row was written by its range's run
+            assert by_id[run_id].tags[PARTITION_TAG] == key
+        assert set(instance.get_dynamic_partitions(offset_ranges.name)) == keys
+        assert instance.get_materialized_partitions(ASSET) == keys
 
-            # and the sensor itself reports the topic caught up
-            tick = wait_until(
-                lambda: next(
-                    (t for t in sensor_ticks(instance) if t.skip_reason == f"lag=0 on {topic}"),
-                    None,
-                ),
-                timeout_s=60,
-                what="a sensor tick reporting lag=0",
-                watch=[daemon],
-            )
-            assert not tick.run_keys
-            summary = run_summary(instance)
-    finally:
-        instance.dispose()
-        consumer.close()
-        conn.close()
+        # and the sensor itself reports the topic caught up
+        tick = wait_until(
+            lambda: next(
+                (t for t in sensor_ticks(instance) if t.skip_reason == f"lag=0 on {topic}"),
+                None,
+            ),
+            timeout_s=60,
+            what="a sensor tick reporting lag=0",
+            watch=[daemon],
+        )
+        assert not tick.run_keys
+        summary = run_summary(instance)
     print(f"{len(outgoing)} messages in {len(rows)} ranges landed by the daemon in {landed_s:.1f}s")
     print(f"runs: {summary}")
 
@@ -335,29 +326,27 @@ def test_dagster_ui_shows_the_raw_order_events_asset(
 @pytest.mark.slow
 @pytest.mark.faults
 def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_nothing(
-    kafka_bootstrap, postgres_dsn, topic, tmp_path, fault_report
+    topic, tmp_path, fault_report, dagster_testbed
 ):
     import os
     import signal
 
-    outgoing = produce_orders(kafka_bootstrap, topic, ORDERS, duplicate_rate=0.1, poison_rate=0.05)
-    home = make_dagster_home(tmp_path / "dagster_home")
-    group = f"orderflow-kill-{uuid.uuid4().hex[:8]}"
-    env = orderflow_env(
-        dagster_home=home,
-        bootstrap_servers=kafka_bootstrap,
-        dsn=postgres_dsn,
-        topic=topic,
-        consumer_group=group,
+    bed = dagster_testbed(
+        orders=ORDERS,
+        group_prefix="orderflow-kill",
         extra={
             "ORDERFLOW_MAX_EVENTS_PER_BATCH": str(MAX_EVENTS_PER_BATCH),
             "ORDERFLOW_MAX_INFLIGHT": str(MAX_INFLIGHT),
             "ORDERFLOW_RETRY_GRACE_SECONDS": "20",
         },
     )
-    conn = psycopg.connect(postgres_dsn, autocommit=True)
-    consumer = kafka_source.open_consumer(kafka_bootstrap, group)
-    instance = DagsterInstance.from_config(str(home))
+    outgoing, env, conn, consumer, instance = (
+        bed.outgoing,
+        bed.env,
+        bed.conn,
+        bed.consumer,
+        bed.instance,
+    )
 
     def planned() -> int:
         if conn.execute("select to_regclass('raw.ingest_plan')").fetchone()[0] is None:
@@ -366,39 +355,34 @@ def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_not
             "select count(*) from raw.ingest_plan where topic = %s", (topic,)
         ).fetchone()[0]
 
-    try:
-        with dagster_daemon(env, tmp_path / "logs-1") as daemon:
-            # SIGKILL the daemon and everything it started (run workers included) as soon as
-            # the sensor has planned ranges and asked for their runs: mid-tick or just after
-            wait_until(
-                lambda: planned() > 0 or None,
-                timeout_s=240,
-                interval_s=0.2,
-                what="the sensor's first plan",
-                watch=[daemon],
-            )
-            time.sleep(1.0)
-            os.killpg(daemon.pid, signal.SIGKILL)
-        recovery = time.monotonic()
-        with dagster_daemon(env, tmp_path / "logs-2") as daemon:
-            progress = Progress(conn, consumer, instance, topic, len(outgoing))
-            inv = wait_until(
-                progress.landed_everything,
-                timeout_s=LAND_TIMEOUT_S,
-                interval_s=2.0,
-                what=f"the restarted daemon to land all {len(outgoing)} messages of {topic}",
-                watch=[daemon],
-                describe=lambda: str(progress),
-            )
-        fault_report.record_invariants(
-            "3. Dagster daemon SIGKILLed mid-tick", inv, recovery_s=time.monotonic() - recovery
+    with dagster_daemon(env, tmp_path / "logs-1") as daemon:
+        # SIGKILL the daemon and everything it started (run workers included) as soon as
+        # the sensor has planned ranges and asked for their runs: mid-tick or just after
+        wait_until(
+            lambda: planned() > 0 or None,
+            timeout_s=240,
+            interval_s=0.2,
+            what="the sensor's first plan",
+            watch=[daemon],
         )
-        inv.assert_exactly_once()
-        rows = ledger(conn, topic)
-        keys = [key for key, *_ in rows]
-        assert len(keys) == len(set(keys))  # every range landed once
-        assert sum(r for _, _, r, _ in rows) == inv.raw_rows
-    finally:
-        consumer.close()
-        conn.close()
-        instance.dispose()
+        time.sleep(1.0)
+        os.killpg(daemon.pid, signal.SIGKILL)
+    recovery = time.monotonic()
+    with dagster_daemon(env, tmp_path / "logs-2") as daemon:
+        progress = Progress(conn, consumer, instance, topic, len(outgoing))
+        inv = wait_until(
+            progress.landed_everything,
+            timeout_s=LAND_TIMEOUT_S,
+            interval_s=2.0,
+            what=f"the restarted daemon to land all {len(outgoing)} messages of {topic}",
+            watch=[daemon],
+            describe=lambda: str(progress),
+        )
+    fault_report.record_invariants(
+        "3. Dagster daemon SIGKILLed mid-tick", inv, recovery_s=time.monotonic() - recovery
+    )
+    inv.assert_exactly_once()
+    rows = ledger(conn, topic)
+    keys = [key for key, *_ in rows]
+    assert len(keys) == len(set(keys))  # every range landed once
+    assert sum(r for _, _, r, _ in rows) == inv.raw_rows

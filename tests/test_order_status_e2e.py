@@ -9,7 +9,6 @@ row, in several incremental rounds and after a full refresh.
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 import time
@@ -34,19 +33,12 @@ DEFINITIONS = "orderflow_dagster.definitions"
 
 
 @pytest.fixture
-def env(kafka_bootstrap, postgres_dsn, topic, tmp_path, monkeypatch):
+def env(cli_env, topic, monkeypatch):
     schema = "analytics"
     monkeypatch.setenv("ORDERFLOW_ANALYTICS_SCHEMA", schema)
-    return {
-        **os.environ,
-        "ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "ORDERFLOW_POSTGRES_DSN": postgres_dsn,
-        "ORDERFLOW_TOPIC": topic,
-        "ORDERFLOW_CONSUMER_GROUP": f"e2e-{topic}",
-        "ORDERFLOW_MAX_EVENTS_PER_BATCH": "1000",
-        "ORDERFLOW_ANALYTICS_SCHEMA": schema,
-        "DAGSTER_HOME": str(tmp_path),
-    }
+    return cli_env(
+        group=f"e2e-{topic}", max_events_per_batch=1000, ORDERFLOW_ANALYTICS_SCHEMA=schema
+    )
 
 
 def mixed_stream(orders: int, seed: int) -> list:

@@ -3,7 +3,6 @@ repeated kills of catch-up, a crash right after the Kafka commit."""
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.landing import land_range
 from orderflow_dagster.land.planner import plan_ranges
 from orderflow_dagster.land.ranges import OffsetRange
-from tests.support import invariants, produce_orders, table_checksums
+from tests.support import Invariants, invariants, produce_orders, table_checksums
 from tests.test_catch_up import cli
 from tests.test_landing import GROUP, connections
 
@@ -27,16 +26,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def env(kafka_bootstrap, postgres_dsn, topic, tmp_path):
-    return {
-        **os.environ,
-        "ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "ORDERFLOW_POSTGRES_DSN": postgres_dsn,
-        "ORDERFLOW_TOPIC": topic,
-        "ORDERFLOW_CONSUMER_GROUP": GROUP,
-        "ORDERFLOW_MAX_EVENTS_PER_BATCH": "100",
-        "DAGSTER_HOME": str(tmp_path),
-    }
+def env(cli_env):
+    return cli_env(group=GROUP, max_events_per_batch=100)
 
 
 def silently_skipped(conn, consumer, rng: OffsetRange, lost_end: int) -> int:
@@ -57,6 +48,22 @@ def silently_skipped(conn, consumer, rng: OffsetRange, lost_end: int) -> int:
 
 
 @pytest.mark.faults
+def catch_up_and_record(
+    env: dict, produced: int, fault_report, scenario: str, since: float | None = None
+) -> Invariants:
+    """The recovery: a catch-up run; records the scenario's trial, timed from `since` (default:
+    the catch-up's start), and returns the invariants for the test to assert."""
+    started = time.monotonic() if since is None else since
+    cli("catch-up", "--no-dbt", env=env)
+    with connections(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_POSTGRES_DSN"]) as (
+        conn,
+        consumer,
+    ):
+        inv = invariants(conn, consumer, env["ORDERFLOW_TOPIC"], produced)
+    fault_report.record_invariants(scenario, inv, recovery_s=time.monotonic() - started)
+    return inv
+
+
 def test_offsets_deleted_before_they_landed_fail_loudly_instead_of_being_skipped(
     kafka_bootstrap, postgres_dsn, topic, fault_report
 ):
@@ -145,16 +152,14 @@ def test_a_full_replay_from_earliest_leaves_the_tables_unchanged(env, topic, fau
         ).fetchall()
         for (key,) in spans:
             land_range(OffsetRange.from_key(key), conn=conn, consumer=consumer, run_id="replay")
-    cli("catch-up", "--no-dbt", env=env)
+    inv = catch_up_and_record(
+        env, len(produced), fault_report, "8. full replay from earliest", replay
+    )
+    inv.assert_exactly_once()
     with connections(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_POSTGRES_DSN"]) as (
         conn,
-        consumer,
+        _,
     ):
-        inv = invariants(conn, consumer, topic, len(produced))
-        fault_report.record_invariants(
-            "8. full replay from earliest", inv, recovery_s=time.monotonic() - replay
-        )
-        inv.assert_exactly_once()
         assert table_checksums(conn, topic) == before
 
 
@@ -174,17 +179,8 @@ def test_catch_up_killed_at_random_moments_many_times_still_lands_everything_onc
         time.sleep(rng.uniform(1.5, 6.0))
         proc.kill()
         proc.wait()
-    recovery = time.monotonic()
-    cli("catch-up", "--no-dbt", env=env)
-    with connections(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_POSTGRES_DSN"]) as (
-        conn,
-        consumer,
-    ):
-        inv = invariants(conn, consumer, topic, len(produced))
-        fault_report.record_invariants(
-            "2. catch-up SIGKILLed 6x at random", inv, recovery_s=time.monotonic() - recovery
-        )
-        inv.assert_exactly_once()
+    scenario = "2. catch-up SIGKILLed 6x at random"
+    catch_up_and_record(env, len(produced), fault_report, scenario).assert_exactly_once()
 
 
 @pytest.mark.faults
@@ -199,14 +195,5 @@ def test_a_crash_right_after_the_kafka_commit_needs_no_repair(env, topic, fault_
         timeout=300,
     )
     assert proc.returncode == -9
-    rerun = time.monotonic()
-    cli("catch-up", "--no-dbt", env=env)
-    with connections(env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_POSTGRES_DSN"]) as (
-        conn,
-        consumer,
-    ):
-        inv = invariants(conn, consumer, topic, len(produced))
-        fault_report.record_invariants(
-            "1. SIGKILL at after_kafka_commit", inv, recovery_s=time.monotonic() - rerun
-        )
-        inv.assert_exactly_once()
+    scenario = "1. SIGKILL at after_kafka_commit"
+    catch_up_and_record(env, len(produced), fault_report, scenario).assert_exactly_once()

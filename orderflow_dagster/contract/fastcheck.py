@@ -49,7 +49,7 @@ def compile_check(schema: dict) -> FastCheck | None:
     # generated from the repo's own schemas; names and patterns enter as literals via repr()
     exec(compile(source, "<fastcheck>", "exec"), namespace)
     check = namespace["check"]
-    check.source = source  # for debugging and tests
+    check.source = source  # the generated code, for whoever debugs a verdict
     return check
 
 

@@ -15,6 +15,7 @@ DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD; `dbt_env_from_dsn` derives them from ORDER
 """
 
 # No `from __future__ import annotations`: Dagster inspects the asset function's annotations.
+import json
 import os
 import re
 import shutil
@@ -192,8 +193,6 @@ def build_args(
     if select:
         args += ["--select", *([select] if isinstance(select, str) else select)]
     if dbt_vars:
-        import json
-
         args += ["--vars", json.dumps(dict(dbt_vars))]
     return args
 
