@@ -16,6 +16,7 @@ from orderflow_dagster.ingest.generator import Outgoing, generate
 from orderflow_dagster.ingest.producer import EventProducer
 from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.ranges import merge_intervals
+from orderflow_dagster.serve.verify import audit_counts
 
 
 @contextmanager
@@ -54,6 +55,10 @@ class Invariants:
     ledger_ends: dict[int, int]
     committed: dict[int, int | None]
     distinct_coordinates: int = 0  # records stored at least once, as a row or a dead letter
+    # from `orderflow verify`'s audit counts: records off by their audit row, event_ids
+    # audited as landed twice
+    audit_mismatches: int = 0
+    landed_twice: int = 0
 
     @property
     def lost(self) -> int:
@@ -68,6 +73,7 @@ class Invariants:
         assert self.duplicate_coordinates == 0, self
         assert self.ledger_contiguous, self
         assert self.committed == self.ledger_ends, self
+        assert self.audit_mismatches == 0 and self.landed_twice == 0, self
 
 
 def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) -> Invariants:
@@ -97,7 +103,19 @@ def invariants(conn: psycopg.Connection, consumer, topic: str, produced: int) ->
     parts = kafka_source.partitions(consumer, topic)
     committed = kafka_source.committed(consumer, topic, parts)
     ends = {p: (spans[p][-1][1] if p in spans else None) for p in parts}
-    return Invariants(produced, raw, dead, dupes, contiguous, ends, committed, distinct)
+    rows_off, dead_off, landed_twice = audit_counts(conn, topic)
+    return Invariants(
+        produced,
+        raw,
+        dead,
+        dupes,
+        contiguous,
+        ends,
+        committed,
+        distinct,
+        audit_mismatches=rows_off + dead_off,
+        landed_twice=landed_twice,
+    )
 
 
 def mart_duplicates(conn: psycopg.Connection, schema: str = "analytics") -> int:

@@ -94,6 +94,8 @@ def test_verify_passes_after_catch_up_and_fails_when_kafka_is_ahead_of_the_ledge
     cli("catch-up", "--no-dbt", env=env)
     ok = cli("verify", env=env)
     assert "FAIL" not in ok.stdout and "lag   0" in ok.stdout
+    assert "ok    one audit row per record" in ok.stdout
+    assert "ok    one landed copy per event_id" in ok.stdout
     with connections(
         env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"],
         env["ORDERFLOW_POSTGRES_DSN"],
@@ -103,9 +105,29 @@ def test_verify_passes_after_catch_up_and_fails_when_kafka_is_ahead_of_the_ledge
             "select max(end_offset) from raw.ingest_ledger where kafka_partition = 0"
         ).fetchone()[0]
         kafka_source.commit(consumer, topic, {0: end + 5})  # an operator's mistake
+        # and two copies of an event written by hand (a botched fix, say), one of them
+        # audited as a second `landed`, the other not audited at all
+        for shift in (1_000_000, 2_000_000):
+            conn.execute(
+                "insert into raw.order_events (topic, kafka_partition, kafka_offset, event_id,"
+                " aggregate_id, event_type, schema_version, event_ts_ms, payload, run_id)"
+                " select topic, kafka_partition, kafka_offset + %s, event_id, aggregate_id,"
+                " event_type, schema_version, event_ts_ms, payload, 'by-hand'"
+                " from raw.order_events where topic = %s order by kafka_offset limit 1",
+                (shift, topic),
+            )
+        conn.execute(
+            "insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id,"
+            " outcome, run_id, partition_key) select topic, kafka_partition, kafka_offset,"
+            " event_id, 'landed', run_id, 'by-hand' from raw.order_events"
+            " where topic = %s and run_id = 'by-hand' order by kafka_offset limit 1",
+            (topic,),
+        )
     bad = cli("verify", env=env, check=False)
     assert bad.returncode == 1
     assert "FAIL  Kafka never ahead of Postgres" in bad.stdout
+    assert "FAIL  one audit row per record" in bad.stdout
+    assert "FAIL  one landed copy per event_id" in bad.stdout
 
 
 def test_verify_reports_gaps_and_overlaps_in_the_ledger():

@@ -74,6 +74,23 @@ def test_event_ids_are_unique_uuids(stream: list[Outgoing]) -> None:
         assert str(uuid.UUID(event_id)) == event_id
 
 
+def test_event_ids_are_uuidv7_of_the_event_time(stream: list[Outgoing]) -> None:
+    for message in of_kind(stream, "event")[:500]:
+        event_id = uuid.UUID(message.event["event_id"])
+        assert event_id.version == 7
+        assert event_id.int >> 80 == message.event["timestamp"]
+
+
+def test_event_ids_can_be_random_v4_as_other_producers_send_them() -> None:
+    ids = [
+        m.event["event_id"]
+        for m in of_kind(list(generate(50, seed=1, event_id_version=4)), "event")
+    ]
+    assert ids and all(uuid.UUID(i).version == 4 for i in ids)
+    with pytest.raises(ValueError, match="event_id_version"):
+        list(generate(1, event_id_version=5))
+
+
 def test_events_are_keyed_by_aggregate_id(stream: list[Outgoing]) -> None:
     for message in of_kind(stream, "event"):
         assert message.key == message.event["aggregate_id"].encode()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -237,45 +237,123 @@ def test_a_crash_at_any_point_loses_nothing_and_duplicates_nothing_after_a_rerun
         inv.assert_exactly_once()
 
 
-def _joins_without_an_index(plan: dict) -> list[str]:
-    """Nested loops whose inner side scans without an index: quadratic in the range size."""
-    found = []
-    children = plan.get("Plans", [])
-    if plan["Node Type"] == "Nested Loop" and len(children) == 2:
-        inner = children[1]
-        if inner["Node Type"] not in ("Index Scan", "Index Only Scan"):
-            found.append(f"nested loop over {inner['Node Type']}")
-    for child in children:
-        found += _joins_without_an_index(child)
-    return found
+def _nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
 
 
-def test_the_audit_plan_stays_linear_when_new_offsets_lie_past_the_statistics(
+def test_the_audit_probes_the_event_id_index_once_per_row_and_never_scans(
     kafka_bootstrap, postgres_dsn, topic
 ):
-    """A landed window's offsets are always past the column statistics, so the planner expects
-    ~1 row; a join then planned as a nested loop over a scan once took hours for a range of
-    100,000 events. The audit function's own planner settings must rule that out."""
-    produce_orders(kafka_bootstrap, topic, 300)
+    """The audit classifies each landed row with one index probe; a scan of the events per row
+    would be quadratic in the table (the shape that once took hours for a 100,000-event range).
+    The plan is the one Postgres really executed inside audit.log_landing (auto_explain)."""
+    produce_orders(kafka_bootstrap, topic, 300, duplicate_rate=0.1)
     with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
-        land_all(conn, consumer, topic, max_events=10_000)
-        conn.execute("analyze raw.order_events, raw.event_first_seen, raw.dead_letters")
-        body, config = conn.execute(
-            "select prosrc, proconfig from pg_proc where oid = 'audit.log_landing("
-            "text, integer, bigint, bigint, text, text)'::regprocedure"
-        ).fetchone()
-        # the function's body as a statement, with the settings the function runs it under
-        statement = re.sub(r"\bp_(\w+)\b", r"%(\1)s", body)
-        window = {
-            "topic": topic,
-            "partition": 0,
-            "start": 1_000_000,
-            "end": 2_000_000,
-            "run_id": "next-run",
-            "key": "next",
-        }
-        with conn.transaction():
-            for setting in config or []:
-                conn.execute("select set_config(%s, %s, true)", setting.split("=", 1))
-            (plan,) = conn.execute("explain (format json) " + statement, window).fetchone()[0]
-        assert _joins_without_an_index(plan["Plan"]) == []
+        land_all(conn, consumer, topic, max_events=100)
+        conn.execute("analyze raw.order_events, raw.dead_letters")
+        produce_orders(kafka_bootstrap, topic, 300, seed=2, duplicate_rate=0.1)
+        plans = []
+        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+        conn.execute("load 'auto_explain'")
+        for name, value in {
+            "auto_explain.log_min_duration": "0",
+            "auto_explain.log_nested_statements": "on",
+            "auto_explain.log_format": "json",
+            "auto_explain.log_level": "notice",
+            "client_min_messages": "notice",
+        }.items():
+            conn.execute("select set_config(%s, %s, false)", (name, value))
+        landed = land_all(conn, consumer, topic, max_events=10_000, run_id="past-the-stats")
+        assert sum(r.rows_landed for r in landed) > 1000
+    audits = [
+        json.loads(m[m.index("{") :])["Plan"]
+        for m in plans
+        if "insert into audit.ingest_log" in m.lower() and "{" in m
+    ]
+    assert audits, "auto_explain reported no plan for the audit insert"
+    for plan in audits:
+        nodes = list(_nodes(plan))
+        assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+        probes = [
+            n
+            for n in nodes
+            if n.get("Parent Relationship") == "SubPlan"
+            and n.get("Relation Name") == "order_events"
+        ]
+        assert probes and all(
+            n["Node Type"] in ("Index Scan", "Index Only Scan")
+            and n["Index Name"] == "order_events_event_id"
+            for n in probes
+        ), plan
+
+
+def test_a_copy_committed_on_another_partition_during_a_landing_makes_it_a_duplicate(
+    kafka_bootstrap, postgres_dsn, topic
+):
+    """Another partition's landing commits a copy of one of our events after we classified it
+    as `landed`: settling the landing finds the copy, the transaction is landed again, and the
+    audit log says `duplicate` for ours. Never two `landed` for one event_id."""
+    produce_orders(kafka_bootstrap, topic, 40, duplicate_rate=0, poison_rate=0)
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        plan = plan_ranges(conn, consumer, topic, max_events_per_batch=10_000, max_inflight=1)
+        mine = plan.unlanded[0]
+        (first,) = next(
+            kafka_source.read_span(consumer, topic, mine.partition, mine.start, mine.start + 1)
+        )
+        event_id = json.loads(first.value())["event_id"]
+        # the other landing: a copy on the next partition, classified, holding the topic's
+        # settle lock, not yet committed
+        theirs = OffsetRange(topic, (mine.partition + 1) % 4, 10**9, 10**9 + 1)
+        other = psycopg.connect(postgres_dsn)
+        snapshot = store.classification_snapshot(other)
+        other.execute(
+            "insert into raw.order_events (topic, kafka_partition, kafka_offset, event_id,"
+            " aggregate_id, event_type, schema_version, event_ts_ms, payload, run_id)"
+            " values (%s, %s, %s, %s, 'ord-x', 'OrderCancelled', 1, 0, '{}', 'theirs')",
+            (topic, theirs.partition, theirs.start, event_id),
+        )
+        store.settle_landing(other, theirs, [(theirs.start, theirs.end)], "theirs", snapshot)
+        store.record_landing(other, store.LedgerEntry(theirs, 1, 1, 0, 0, "theirs", 1))
+        results, errors = [], []
+
+        def land():
+            try:
+                results.append(land_range(mine, conn=conn, consumer=consumer, run_id="mine"))
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        landing = threading.Thread(target=land)
+        landing.start()
+        try:
+            with psycopg.connect(postgres_dsn, autocommit=True) as watcher:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    waiting = watcher.execute(
+                        "select wait_event from pg_stat_activity where pid = %s",
+                        (conn.info.backend_pid,),
+                    ).fetchone()
+                    if waiting and waiting[0] == "advisory":
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("the landing did not wait to settle behind the other one")
+            other.commit()
+        finally:
+            other.close()
+            landing.join(60)
+        assert not errors and results and results[0].rows_landed == mine.size
+        outcomes = conn.execute(
+            "select outcome, count(*) from audit.ingest_log where topic = %s"
+            " and kafka_partition = %s group by 1",
+            (topic, mine.partition),
+        ).fetchall()
+        ours = conn.execute(
+            "select outcome from audit.ingest_log where topic = %s and kafka_partition = %s"
+            " and kafka_offset = %s",
+            (topic, mine.partition, first.offset()),
+        ).fetchall()
+    assert ours == [("duplicate",)]
+    # one audit row per record: the first attempt's rows went with its transaction
+    assert dict(outcomes) == {"landed": mine.size - 1, "duplicate": 1}

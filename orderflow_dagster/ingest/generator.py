@@ -37,6 +37,7 @@ from orderflow_dagster.ingest.envelope import (
     Event,
     encode,
     new_event,
+    uuid7,
 )
 from orderflow_dagster.ingest.kafka_config import default_partition
 
@@ -133,6 +134,7 @@ def generate(
     v2_share: float = 0.5,
     start_ms: int = DEFAULT_START_MS,
     num_partitions: int = 4,
+    event_id_version: Literal[4, 7] = 7,
 ) -> Iterator[Outgoing]:
     """The messages for `orders` order lifecycles, in emission order.
 
@@ -140,8 +142,12 @@ def generate(
     `poison_rate` that a poison message follows it; `out_of_order_rate` is per order (with at
     least two events) that one event arrives after its successor. `v2_share` of OrderCreated
     events use schema v2. Cross-partition duplicates go to the partition after the key's own
-    (`num_partitions` must match the topic; with 1 partition they cannot cross).
+    (`num_partitions` must match the topic; with 1 partition they cannot cross). Event ids
+    are UUIDv7 of the simulated time, as our producer mints them, or random v4 ids as some
+    other producers send (`event_id_version=4`).
     """
+    if event_id_version not in (4, 7):
+        raise ValueError(f"event_id_version must be 4 or 7, got {event_id_version}")
     if orders < 0:
         raise ValueError("orders must be >= 0")
     if num_partitions < 1:
@@ -165,6 +171,7 @@ def generate(
         poison_rate=poison_rate,
         v2_share=v2_share,
         num_partitions=num_partitions,
+        event_id_version=event_id_version,
     )
     return stream.run(orders, start_ms)
 
@@ -183,8 +190,10 @@ class _Stream:
         poison_rate: float,
         v2_share: float,
         num_partitions: int,
+        event_id_version: int = 7,
     ) -> None:
         self.rng = rng
+        self.event_id_version = event_id_version
         self.seed = seed
         self.duplicate_rate = duplicate_rate
         self.cross_share = cross_share
@@ -263,7 +272,7 @@ class _Stream:
             aggregate_id,
             event_type,
             payload,
-            event_id=self._uuid(),
+            event_id=self._uuid(timestamp_ms),
             timestamp_ms=timestamp_ms,
             schema_version=schema_version,
             trace_id=trace_id,
@@ -340,7 +349,7 @@ class _Stream:
     def _envelope(self, related: Event, **overrides: Any) -> dict[str, Any]:
         """A plausible envelope about the related order (fresh id, so it collides with nothing)."""
         envelope = {
-            "event_id": self._uuid(),
+            "event_id": self._uuid(related["timestamp"]),
             "aggregate_id": related["aggregate_id"],
             "event_type": related["event_type"],
             "payload": related["payload"],
@@ -350,8 +359,11 @@ class _Stream:
         envelope.update(overrides)
         return envelope
 
-    def _uuid(self) -> str:
-        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+    def _uuid(self, timestamp_ms: int) -> str:
+        # a UUIDv7 of the simulated time, as a producer would mint it; seeded, so reproducible
+        if self.event_id_version == 4:
+            return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        return str(uuid7(timestamp_ms, self.rng.getrandbits(74)))
 
     def _hex(self, bits: int) -> str:
         return f"{self.rng.getrandbits(bits):0{bits // 4}x}"

@@ -221,7 +221,7 @@ def emit_event(
 ) -> str:
     """Send one event and wait for its delivery; returns the event_id.
 
-    A fresh uuid4 unless `event_id` is given: to retry after an error, pass the id the first
+    A fresh UUIDv7 unless `event_id` is given: to retry after an error, pass the id the first
     attempt returned (or chose) so the duplicate is recognised downstream. With `producer`, that
     producer is used (and flushed); otherwise a short-lived one is created.
     """

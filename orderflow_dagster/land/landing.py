@@ -4,8 +4,10 @@ The order of operations is the exactly-once argument:
 1. lock the Kafka partition in Postgres (advisory lock), so two runs never land it at once;
 2. read the ledger under that lock and skip every offset already landed (re-landing adds nothing);
 3. stream the remaining records from Kafka and COPY them in chunks (memory stays bounded), poison
-   to raw.dead_letters with its reason, never failing the batch;
-4. insert the ledger row and commit: rows, dead letters and ledger become visible together;
+   to raw.dead_letters with its reason, never failing the batch; derive the audit rows;
+4. settle against concurrent landings of other partitions (a copy of one of our events landed
+   there meanwhile means: roll back and land again), insert the ledger row and commit: rows,
+   dead letters, audit rows and ledger become visible together;
 5. only then commit to Kafka the end of the contiguous landed prefix (never past a gap).
 A crash anywhere before 4 leaves nothing; a crash between 4 and 5 leaves Kafka behind, which the
 next run or sensor tick repairs from the ledger (`repair_kafka_commit`).
@@ -46,6 +48,7 @@ COPY_DEAD_LETTERS = f"copy raw.dead_letters ({DEAD_LETTER_COLUMNS}) from stdin"
 
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
 DEFAULT_CHUNK_ROWS = 5_000
+MAX_SETTLE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,18 @@ def land_range(
             "orderflow.range": rng.key,
         },
     ) as span:
-        result = _land_range(
-            rng, conn, consumer, run_id, max_message_bytes, chunk_rows, idle_timeout
-        )
+        for attempt in range(1, MAX_SETTLE_ATTEMPTS + 1):
+            try:
+                result = _land_range(
+                    rng, conn, consumer, run_id, max_message_bytes, chunk_rows, idle_timeout
+                )
+                break
+            except psycopg.errors.SerializationFailure:
+                # another partition landed a copy of one of these events meanwhile (see
+                # audit.settle_landing): nothing was written; landing again sees that copy
+                if attempt == MAX_SETTLE_ATTEMPTS:
+                    raise
+                span.add_event("orderflow.land_range.retry", {"attempt": attempt})
         span.set_attributes(
             {
                 "orderflow.rows_landed": result.rows_landed,
@@ -199,6 +211,7 @@ def _land_range(
         else:
             gaps = uncovered(rng.start, rng.end, spans)
             already = rng.size - sum(e - s for s, e in gaps)
+            snapshot = store.classification_snapshot(conn)
             crash_point("before_copy")
             messages, rows, dead = _stream_gaps(
                 cur_conn=conn,
@@ -210,6 +223,7 @@ def _land_range(
                 chunk_rows=chunk_rows,
                 idle_timeout=idle_timeout,
             )
+            store.settle_landing(conn, rng, gaps, run_id, snapshot)
             store.record_landing(
                 conn,
                 store.LedgerEntry(
@@ -253,7 +267,9 @@ def _stream_gaps(
     idle_timeout: float,
 ) -> tuple[int, int, int]:
     """COPY the records of `gaps` in one streaming COPY per gap, so that Postgres ingests one
-    chunk while Python parses the next (a COPY statement per chunk would make them take turns).
+    chunk while Python parses the next (a COPY statement per chunk would make them take turns),
+    then write the gap's audit rows. (Running the audit per chunk, from a helper thread, while
+    Python parses on, measured slower on 2 cores: see docs/benchmarks.md.)
 
     Dead letters cannot share the stream; they are buffered and written between COPYs, the
     stream being closed and reopened whenever the buffer reaches `chunk_rows`, so memory stays
@@ -280,9 +296,9 @@ def _stream_gaps(
                     else:
                         exhausted = True
                 dead += batch.flush_dead(cur)
-        # the audit log, one row per record, derived in the database from what was just written
-        # (no second stream of Python-formatted lines on the hot path)
-        for start, end in gaps:
+            # the audit log, one row per record, derived in the database from what was just
+            # written (no second stream of Python-formatted lines on the hot path); each gap
+            # right after its rows, as audit.log_landing expects
             window = {
                 "topic": rng.topic,
                 "partition": rng.partition,

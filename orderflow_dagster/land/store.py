@@ -18,6 +18,8 @@ from orderflow_dagster.land.ranges import OffsetRange
 # another application's locks on the same database.
 LOCK_LANDING = 0x0F10
 LOCK_PLANNING = 0x0F11
+# taken by audit.settle_landing in sql/schema.sql, which spells it 3858
+LOCK_AUDIT = 0x0F12
 
 
 def schema_sql() -> str:
@@ -170,4 +172,25 @@ def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
             entry.run_id,
             entry.duration_ms,
         ),
+    )
+
+
+def classification_snapshot(conn: psycopg.Connection) -> str:
+    """The snapshot a landing classifies against (at the latest): taken before its first audit."""
+    return conn.execute("select pg_current_snapshot()::text").fetchone()[0]
+
+
+def settle_landing(
+    conn: psycopg.Connection,
+    rng: OffsetRange,
+    windows: list[tuple[int, int]],
+    run_id: str,
+    snapshot: str,
+) -> None:
+    """Fail the landing (SerializationFailure) if another partition landed a copy of one of its
+    events while it was classifying; see audit.settle_landing in sql/schema.sql."""
+    starts, ends = [s for s, _ in windows], [e for _, e in windows]
+    conn.execute(
+        "select audit.settle_landing(%s, %s, %s::bigint[], %s::bigint[], %s, %s::pg_snapshot)",
+        (rng.topic, rng.partition, starts, ends, run_id, snapshot),
     )

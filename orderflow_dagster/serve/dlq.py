@@ -121,11 +121,6 @@ def replay(
                 ),
             )
             cur.execute(
-                "insert into raw.event_first_seen (event_id, topic, kafka_partition,"
-                " kafka_offset) values (%s, %s, %s, %s) on conflict do nothing",
-                (event.event_id, t, p, o),
-            )
-            cur.execute(
                 "update raw.dead_letters set replayed_at = now(), replay_run_id = %s"
                 " where topic = %s and kafka_partition = %s and kafka_offset = %s",
                 (run_id, t, p, o),

@@ -7,6 +7,8 @@ Checks, for the configured topic:
 - no Kafka coordinates are stored twice (as an event and as an unreplayed dead letter);
 - ledger ranges are contiguous per partition: no gap, no overlap;
 - the consumer group's committed offsets equal the ledger ends (never ahead of Postgres);
+- the audit log holds one row per stored record (landed, duplicate or replayed per event row, one
+  dead_lettered per dead letter) and one `landed` row at most per event_id;
 - the marts hold no event_id twice and one order_status row per order (if dbt has run).
 Prints one line per check and exits 1 if any fails.
 """
@@ -96,6 +98,45 @@ def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
     ]
 
 
+def audit_counts(conn: psycopg.Connection, topic: str) -> tuple[int, int, int]:
+    """(event rows without exactly their audit row, dead letters likewise, event_ids with more
+    than one `landed` row), all 0 on a sound deployment. Counted per topic; one full scan."""
+    return conn.execute(
+        """
+        with audit as (
+            select count(*) filter (where outcome in ('landed', 'duplicate', 'replayed')) as rows,
+                   count(*) filter (where outcome = 'dead_lettered') as dead
+            from audit.ingest_log where topic = %(t)s
+        )
+        select
+            abs((select rows from audit)
+                - (select count(*) from raw.order_events where topic = %(t)s)),
+            abs((select dead from audit)
+                - (select count(*) from raw.dead_letters where topic = %(t)s)),
+            (select count(*) from (select event_id from audit.ingest_log
+                                   where topic = %(t)s and outcome = 'landed'
+                                   group by event_id having count(*) > 1) twice)
+        """,
+        {"t": topic},
+    ).fetchone()
+
+
+def audit_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
+    rows, dead, landed_twice = audit_counts(conn, topic)
+    return [
+        Check(
+            "one audit row per record",
+            rows == 0 and dead == 0,
+            f"{rows} event row(s) and {dead} dead letter(s) off by their audit rows",
+        ),
+        Check(
+            "one landed copy per event_id",
+            landed_twice == 0,
+            f"{landed_twice} event_id(s) audited as landed twice",
+        ),
+    ]
+
+
 def kafka_checks(conn: psycopg.Connection, consumer, topic: str) -> tuple[list[Check], int]:
     parts = kafka_source.partitions(consumer, topic)
     committed = kafka_source.committed(consumer, topic, parts)
@@ -164,7 +205,7 @@ def verify(
         conn.execute("set default_transaction_read_only = on")
         consumer = kafka_source.open_consumer(bootstrap, group)
         try:
-            checks = storage_checks(conn, topic)
+            checks = storage_checks(conn, topic) + audit_checks(conn, topic)
             k_checks, lag = kafka_checks(conn, consumer, topic)
             checks += k_checks + mart_checks(conn, schema)
         finally:

@@ -104,53 +104,110 @@ alter table audit.ingest_log drop constraint if exists ingest_log_outcome_check;
 alter table audit.ingest_log add constraint ingest_log_outcome_check
     check (outcome in ('landed', 'duplicate', 'dead_lettered', 'replayed'));
 
--- The first landed copy of every event_id, so the audit log can tell copies apart in the landing
--- transaction. Narrow and written once per range, server-side (dbt still does the dedup).
-create table if not exists raw.event_first_seen (
-    event_id         uuid        primary key,
-    topic            text        not null,
-    kafka_partition  integer     not null,
-    kafka_offset     bigint      not null
-);
+-- Telling a copy apart needs every event_id landed so far. An index on the events themselves is
+-- the cheapest way to know them: maintained by the COPY, no second table, no per-row ON CONFLICT.
+-- (It replaces raw.event_first_seen, which cost more than the COPY of the events it tracked.)
+create index if not exists order_events_event_id on raw.order_events (event_id);
+drop table if exists raw.event_first_seen;
 
--- The audit rows of one landed window, derived in the database from what the run just wrote (no
--- second stream of Python-formatted lines on the hot path). One statement: the first copy of each
--- new event_id goes to raw.event_first_seen, and its RETURNING tells `landed` from `duplicate`.
+-- The transaction that wrote each ledger row, so a landing can tell which landings of other
+-- partitions committed while it was classifying (audit.settle_landing).
+alter table raw.ingest_ledger add column if not exists xact_id xid8 not null
+    default pg_current_xact_id();
+create index if not exists ingest_ledger_xact_id on raw.ingest_ledger (xact_id);
+
+-- The audit rows of the records a landing wrote in [p_start, p_end), derived in the database from
+-- what it just wrote (no second stream of Python-formatted lines on the hot path). Called after
+-- each chunk's COPY, in offset order. A landed row is a `duplicate` when another row has its
+-- event_id and is not this landing's own later copy: landed before, or earlier in the window.
+-- dropped first: create or replace cannot rename parameters or change the language
+drop function if exists audit.log_landing(text, integer, bigint, bigint, text, text);
 create or replace function audit.log_landing(
     p_topic text, p_partition integer, p_start bigint, p_end bigint, p_run_id text, p_key text
 ) returns void
 language sql
--- A landed window always lies past the column statistics, so the planner expects ~1 row and,
--- left alone, joins the two CTE results below in a nested loop: quadratic, hours for a range of
--- 100,000 events. A hash join is linear whatever the estimates.
-set enable_nestloop = off
+-- Landed offsets always lie past the column statistics, so the planner may expect ~1 row and
+-- scan instead of probing the index; per landed row that is quadratic. Index paths only.
+set enable_seqscan = off
 as $$
-with landed as materialized (
-    select topic, kafka_partition, kafka_offset, event_id, run_id, trace_id
-    from raw.order_events
-    where topic = p_topic and kafka_partition = p_partition
-      and kafka_offset >= p_start and kafka_offset < p_end and run_id = p_run_id
-),
-firsts as (
-    -- in offset order: the first copy within the window is the one that counts as landed
-    insert into raw.event_first_seen (event_id, topic, kafka_partition, kafka_offset)
-    select event_id, topic, kafka_partition, kafka_offset from landed order by kafka_offset
-    on conflict (event_id) do nothing
-    returning kafka_offset
-)
 insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id, outcome, reason,
                               run_id, partition_key, trace_id)
 select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
-       case when f.kafka_offset is null then 'duplicate' else 'landed' end, null, l.run_id,
-       p_key, l.trace_id
-from landed l
-left join firsts f on f.kafka_offset = l.kafka_offset
+       case when exists (
+           select from raw.order_events o
+           where o.event_id = l.event_id
+             -- rows past the window, even of this run, are from an earlier landing: the
+             -- landing writes and classifies its chunks in offset order
+             and (o.kafka_offset < l.kafka_offset or o.kafka_offset >= p_end
+                  or o.topic <> p_topic or o.kafka_partition <> p_partition
+                  or o.run_id <> p_run_id)
+       ) then 'duplicate' else 'landed' end,
+       null, l.run_id, p_key, l.trace_id
+from raw.order_events l
+where l.topic = p_topic and l.kafka_partition = p_partition
+  and l.kafka_offset >= p_start and l.kafka_offset < p_end and l.run_id = p_run_id
 union all
 select topic, kafka_partition, kafka_offset, null, 'dead_lettered', reason, run_id, p_key, null
 from raw.dead_letters
 where topic = p_topic and kafka_partition = p_partition
   and kafka_offset >= p_start and kafka_offset < p_end and run_id = p_run_id
-order by 3
+$$;
+
+-- A copy can also arrive on another partition (a re-keyed resend, a topic given more partitions)
+-- and be landed by a concurrent transaction that log_landing could not see: both would say
+-- `landed`. Called last, before the ledger row: under a per-topic lock held to commit, it looks
+-- for copies of this landing's events in the landings of other partitions that were not visible
+-- to its first classification (p_snapshot, taken before it), and if one exists, fails the
+-- transaction as a serialization failure: the caller lands the range again and sees that copy.
+-- Only this check takes turns between the partitions of a topic, and it costs nothing unless
+-- another partition committed meanwhile. The lock key is store.LOCK_AUDIT.
+create or replace function audit.settle_landing(
+    p_topic text, p_partition integer, p_starts bigint[], p_ends bigint[], p_run_id text,
+    p_snapshot pg_snapshot
+) returns void
+language plpgsql
+set enable_seqscan = off
+as $$
+declare
+    theirs record;
+begin
+    perform pg_advisory_xact_lock(3858, hashtext(p_topic));
+    -- the landings of other partitions this one could not see (usually none): recent ledger rows
+    for theirs in
+        select start_offset, end_offset, kafka_partition
+        from raw.ingest_ledger
+        where xact_id >= pg_snapshot_xmin(p_snapshot)
+          and not pg_visible_in_snapshot(xact_id, p_snapshot)
+          and topic = p_topic and kafka_partition <> p_partition
+    loop
+        -- each of their rows probes the event_id index for a copy among ours (a scalar
+        -- subquery in the select list: one probe per row, whatever the planner estimates)
+        if exists (
+            select
+            from (
+                select (select true
+                        from raw.order_events m
+                        where m.event_id = o.event_id
+                          and m.topic = p_topic and m.kafka_partition = p_partition
+                          and m.run_id = p_run_id
+                          and exists (select from unnest(p_starts, p_ends) w(s, e)
+                                      where m.kafka_offset >= w.s and m.kafka_offset < w.e)
+                        limit 1) as ours
+                from raw.order_events o
+                where o.topic = p_topic and o.kafka_partition = theirs.kafka_partition
+                  and o.kafka_offset >= theirs.start_offset
+                  and o.kafka_offset < theirs.end_offset
+                offset 0
+            ) probe
+            where probe.ours
+        ) then
+            raise exception 'a copy of an event of %|% was landed on another partition meanwhile',
+                p_topic, p_partition
+                using errcode = 'serialization_failure',
+                      hint = 'land the range again: it will see that copy';
+        end if;
+    end loop;
+end
 $$;
 
 create or replace function audit.refuse_change() returns trigger language plpgsql as $$
