@@ -243,6 +243,16 @@ def _nodes(plan: dict):
         yield from _nodes(child)
 
 
+def _joins_without_an_index(plan: dict) -> list[str]:
+    """Nested loops whose inner side scans without an index: quadratic in the range size."""
+    return [
+        f"nested loop over {node['Plans'][1]['Node Type']}"
+        for node in _nodes(plan)
+        if node["Node Type"] == "Nested Loop"
+        and node["Plans"][1]["Node Type"] not in ("Index Scan", "Index Only Scan")
+    ]
+
+
 def test_the_audit_probes_the_event_id_index_once_per_row_and_never_scans(
     kafka_bootstrap, postgres_dsn, topic
 ):
@@ -276,6 +286,7 @@ def test_the_audit_probes_the_event_id_index_once_per_row_and_never_scans(
     for plan in audits:
         nodes = list(_nodes(plan))
         assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+        assert _joins_without_an_index(plan) == [], plan
         probes = [
             n
             for n in nodes
