@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from orderflow_dagster.land import kafka_source
 from orderflow_dagster.serve.catch_up import EXIT_MARTS_OUT_OF_DATE
@@ -163,3 +164,29 @@ def test_marts_built_by_another_version_fail_clearly_and_a_full_refresh_rebuilds
         ).fetchone()[0]
     assert column_type == "numeric(12,2)"
     assert missing == 0  # the later orders are in the rebuilt marts
+
+
+def test_verify_checks_the_marts_keys_once_dbt_has_built_them(env):
+    cli("produce", "--orders", "40", "--quiet", env=env)
+    cli("catch-up", env=env)
+    ok = cli("verify", env=env)
+    assert "ok    no event_id twice in the marts" in ok.stdout
+    assert "ok    one order_status row per order" in ok.stdout
+    # a mart of a release without key constraints, holding an order twice
+    with psycopg.connect(env["ORDERFLOW_POSTGRES_DSN"], autocommit=True) as conn:
+        for (name,) in conn.execute(
+            "select conname from pg_constraint"
+            " where conrelid = 'analytics.order_status'::regclass and contype in ('p', 'u')"
+        ).fetchall():
+            conn.execute(
+                sql.SQL("alter table analytics.order_status drop constraint {}").format(
+                    sql.Identifier(name)
+                )
+            )
+        conn.execute(
+            "insert into analytics.order_status select * from analytics.order_status limit 1"
+        )
+    bad = cli("verify", env=env, check=False)
+    assert bad.returncode == 1
+    assert "FAIL  one order_status row per order" in bad.stdout
+    assert "ok    no event_id twice in the marts" in bad.stdout

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from orderflow_dagster.ingest.produce_cli import partition_count
 from orderflow_dagster.stack import manager
 from orderflow_dagster.stack._proc import pid_alive
 from orderflow_dagster.stack.kafka import admin_client, new_cluster_id, render_server_properties
@@ -151,6 +152,12 @@ def test_up_status_down_through_the_cli(stack_env: dict[str, str]) -> None:
     assert dsn.startswith("postgresql://orderflow:")
     assert dsn.endswith(f"@127.0.0.1:{cfg.postgres_port}/orderflow")
     assert postgres.password() not in up.stderr, "password leaked to stderr"
+
+    # Topics are served once created: `orderflow produce` right after finds them (a fresh
+    # broker acknowledges CreateTopics before its metadata has them).
+    assert partition_count(bootstrap, cfg.topic) == 4
+    manager.ensure_topics(bootstrap, {"orders.events.fresh": 3})
+    assert partition_count(bootstrap, "orders.events.fresh") == 3
 
     # Both services answer, with the topics created as configured.
     assert round_trip(bootstrap, cfg.topic)

@@ -179,22 +179,20 @@ def mart_checks(conn: psycopg.Connection, schema: str) -> list[Check]:
     ).fetchone()
     if not all(exists):
         return [Check("marts", True, f"{schema}.order_events/order_status not built yet")]
-    dup_events = conn.execute(
-        sql.SQL(
-            "select count(*) from (select event_id from {}.order_events group by 1"
-            " having count(*) > 1) d"
-        ).format(sql.Identifier(schema))
-    ).fetchone()[0]
-    dup_orders = conn.execute(
-        sql.SQL(
-            "select count(*) from (select order_id from {}.order_status group by 1"
-            " having count(*) > 1) d"
-        ).format(sql.Identifier(schema))
-    ).fetchone()[0]
+    dup_events = _keys_twice(conn, schema, "order_events", "event_id")
+    dup_orders = _keys_twice(conn, schema, "order_status", "order_id")
     return [
         Check("no event_id twice in the marts", dup_events == 0, f"{dup_events} duplicated"),
         Check("one order_status row per order", dup_orders == 0, f"{dup_orders} duplicated"),
     ]
+
+
+def _keys_twice(conn: psycopg.Connection, schema: str, table: str, key: str) -> int:
+    """Values of `key` held by more than one row of schema.table."""
+    query = sql.SQL(
+        "select count(*) from (select {key} from {table} group by 1 having count(*) > 1) d"
+    ).format(key=sql.Identifier(key), table=sql.Identifier(schema, table))
+    return conn.execute(query).fetchone()[0]
 
 
 def verify(

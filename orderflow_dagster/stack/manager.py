@@ -183,7 +183,31 @@ def ensure_topics(bootstrap_servers: str, partitions_by_topic: Mapping[str, int]
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise StackError(f"could not create topic {name}: {exc.args[0].str()}") from exc
+    _wait_until_served(admin, list(partitions_by_topic))
     _warn_on_partition_mismatch(admin, partitions_by_topic)
+
+
+def _wait_until_served(admin: AdminClient, topics: list[str], timeout: float = 30.0) -> None:
+    # A fresh broker acknowledges CreateTopics before its metadata serves the topic: a client
+    # asking at once (`orderflow produce` right after `stack up`) is told it does not exist.
+    deadline = time.monotonic() + timeout
+    while True:
+        metadata = admin.list_topics(timeout=10)
+        pending = [
+            name
+            for name in topics
+            if (topic := metadata.topics.get(name)) is None
+            or topic.error is not None
+            or not topic.partitions
+            or any(p.leader < 0 for p in topic.partitions.values())
+        ]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"topic(s) {', '.join(pending)} created but not served after {timeout:.0f} s"
+            )
+        time.sleep(0.2)
 
 
 def _warn_on_partition_mismatch(admin: AdminClient, partitions_by_topic: Mapping[str, int]) -> None:
