@@ -457,19 +457,20 @@ def bare_copy(services: Services, dsn: str, text: dict) -> dict:
     return {"rows": rows, "dead": dead, "seconds": seconds, "bookkeeping_s": bookkeeping_s, **extra}
 
 
-_COLUMNS_BACK = f"{EVENT_COLUMNS}, landed_at"
+# the event columns with landed_at: copied out of the baseline table and back in unchanged
+COPY_BACK_COLUMNS = f"{EVENT_COLUMNS}, landed_at"
 
 
-def copy_bookkeeping_rows(services: Services, conn: psycopg.Connection) -> float:
-    """Seconds for a bare COPY of the bookkeeping the landing writes besides the event rows: the
-    event_id index entries (an index like raw.order_events's, built by COPYing the events again
-    into an indexed copy of the baseline table, minus the baseline's own time) and one
-    audit.ingest_log row per record. A diagnostic: the landing's own rate is compared with the
-    events-only COPY, as the target says."""
+def copy_bookkeeping_rows(services: Services, conn: psycopg.Connection) -> dict[str, float]:
+    """Seconds for bare COPYs of what the landing writes besides the baseline's rows, as
+    {"indexed_events_s": the baseline's events COPYed again into a copy of its table that also
+    has the event_id index (the caller subtracts the baseline's own time), "audit_s": one
+    audit.ingest_log row per record}. Their COPY text is derived untimed from the baseline
+    tables. A diagnostic: the target compares the landing with the events-only COPY."""
     events, audit = io.BytesIO(), io.BytesIO()
     with conn.cursor() as cur:
         for sink, query in (
-            (events, f"copy bench.copy_baseline ({_COLUMNS_BACK}) to stdout"),
+            (events, f"copy bench.copy_baseline ({COPY_BACK_COLUMNS}) to stdout"),
             (
                 audit,
                 "copy (select topic, kafka_partition, kafka_offset, event_id, 'landed', null,"
@@ -488,7 +489,7 @@ def copy_bookkeeping_rows(services: Services, conn: psycopg.Connection) -> float
         services.checkpoint()
         started = time.perf_counter()
         with conn.transaction():
-            with cur.copy(f"copy bench.indexed_baseline ({_COLUMNS_BACK}) from stdin") as copy:
+            with cur.copy(f"copy bench.indexed_baseline ({COPY_BACK_COLUMNS}) from stdin") as copy:
                 copy.write(events.getvalue())
             indexed_s = time.perf_counter() - started
             with cur.copy(

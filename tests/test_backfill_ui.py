@@ -128,13 +128,8 @@ def test_a_backfill_of_landed_partitions_from_the_ui_twice_leaves_the_tables_byt
         group_prefix="orderflow-backfill",
         extra={"ORDERFLOW_MAX_EVENTS_PER_BATCH": str(MAX_EVENTS_PER_BATCH)},
     )
-    outgoing, env, conn, consumer, instance = (
-        bed.outgoing,
-        bed.env,
-        bed.conn,
-        bed.consumer,
-        bed.instance,
-    )
+    outgoing, env, conn = bed.outgoing, bed.env, bed.conn
+    consumer, instance = bed.consumer, bed.instance
     # landed by the asset in runs of the instance the UI shows, one partition per range
     cli("catch-up", "--no-dbt", env=env)
     port = free_port()

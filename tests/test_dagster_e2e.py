@@ -125,6 +125,20 @@ class Progress:
         )
 
 
+def wait_for_daemon_to_land(bed, topic: str, daemon, who: str) -> Invariants:
+    """Wait until the running `daemon` has landed and committed every message of the testbed's
+    stream; fail early if the daemon dies, with the pipeline's state in the message."""
+    progress = Progress(bed.conn, bed.consumer, bed.instance, topic, len(bed.outgoing))
+    return wait_until(
+        progress.landed_everything,
+        timeout_s=LAND_TIMEOUT_S,
+        interval_s=2.0,
+        what=f"{who} to land all {len(bed.outgoing)} messages of {topic}",
+        watch=[daemon],
+        describe=lambda: str(progress),
+    )
+
+
 def sensor_ticks(instance: DagsterInstance, limit: int = 5):
     states = [
         s
@@ -159,24 +173,10 @@ def test_sensor_path_through_the_real_daemon_lands_a_stream_with_lag_zero(
             "ORDERFLOW_MAX_INFLIGHT": str(MAX_INFLIGHT),
         },
     )
-    outgoing, env, conn, consumer, instance = (
-        bed.outgoing,
-        bed.env,
-        bed.conn,
-        bed.consumer,
-        bed.instance,
-    )
+    outgoing, env, conn, instance = bed.outgoing, bed.env, bed.conn, bed.instance
     with dagster_daemon(env, tmp_path / "logs") as daemon:
         started = time.monotonic()
-        progress = Progress(conn, consumer, instance, topic, len(outgoing))
-        inv = wait_until(
-            progress.landed_everything,
-            timeout_s=LAND_TIMEOUT_S,
-            interval_s=2.0,
-            what=f"the daemon to land all {len(outgoing)} messages of {topic}",
-            watch=[daemon],
-            describe=lambda: str(progress),
-        )
+        inv = wait_for_daemon_to_land(bed, topic, daemon, "the daemon")
         landed_s = time.monotonic() - started
         inv.assert_exactly_once()
         assert inv.dead_letters == sum(o.kind == "poison" for o in outgoing) > 0
@@ -340,13 +340,7 @@ def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_not
             "ORDERFLOW_RETRY_GRACE_SECONDS": "20",
         },
     )
-    outgoing, env, conn, consumer, instance = (
-        bed.outgoing,
-        bed.env,
-        bed.conn,
-        bed.consumer,
-        bed.instance,
-    )
+    env, conn = bed.env, bed.conn
 
     def planned() -> int:
         if conn.execute("select to_regclass('raw.ingest_plan')").fetchone()[0] is None:
@@ -369,15 +363,7 @@ def test_the_daemon_killed_while_planning_and_launching_loses_and_duplicates_not
         os.killpg(daemon.pid, signal.SIGKILL)
     recovery = time.monotonic()
     with dagster_daemon(env, tmp_path / "logs-2") as daemon:
-        progress = Progress(conn, consumer, instance, topic, len(outgoing))
-        inv = wait_until(
-            progress.landed_everything,
-            timeout_s=LAND_TIMEOUT_S,
-            interval_s=2.0,
-            what=f"the restarted daemon to land all {len(outgoing)} messages of {topic}",
-            watch=[daemon],
-            describe=lambda: str(progress),
-        )
+        inv = wait_for_daemon_to_land(bed, topic, daemon, "the restarted daemon")
     fault_report.record_invariants(
         "3. Dagster daemon SIGKILLed mid-tick", inv, recovery_s=time.monotonic() - recovery
     )
