@@ -184,3 +184,26 @@ def wait_for_leaders(
                 time.sleep(0.5)
     finally:
         consumer.close()
+
+
+class FakeMessage:
+    """A Kafka record for the pure tests of the landing's line building: only the accessors
+    `_Batch` reads (the Kafka side is covered by the integration tests)."""
+
+    def __init__(self, value, key=b"k", headers=None):
+        self._value, self._key, self._headers = value, key, headers
+
+    def value(self):
+        return self._value
+
+    def key(self):
+        return self._key
+
+    def headers(self):
+        return self._headers
+
+    def offset(self):
+        return 7
+
+    def timestamp(self):
+        return (1, 1_700_000_000_000)

@@ -66,6 +66,8 @@ HOSTILE_BUT_VALID: dict[str, bytes] = {
     "duplicate_keys": raw(envelope())[:-1] + b', "schema_version": 1}',
     "near_the_limit": raw(envelope(payload={"reason": "y" * (MAX_BYTES - 400)})),
     "unicode": raw(envelope(payload={"reason": "注文 取消 🚫 \u2028"})),
+    # newlines and tabs between the tokens: the fast path keeps the payload's bytes as sent
+    "pretty_printed": json.dumps(envelope(payload={"reason": "a\tb"}), indent="\t").encode(),
 }
 INVALID_UTF8 = b'{"event_id": "\xff\xfe"}'
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orderflow_dagster.contract import registry
-from orderflow_dagster.contract.fastcheck import compile_check
+from orderflow_dagster.contract.fastcheck import compile_check, compile_decoder
 from orderflow_dagster.ingest.generator import generate
 
 SCHEMA_KEYS = sorted(registry.SCHEMAS)
@@ -54,13 +54,15 @@ def schema_accepts(key: tuple[str, int], payload) -> bool:
 
 def test_every_schema_of_the_registry_gets_a_fast_check():
     assert sorted(registry._FAST_CHECKS) == SCHEMA_KEYS
+    assert sorted(registry.RAW_DECODERS) == SCHEMA_KEYS
 
 
 @pytest.mark.parametrize("key", SCHEMA_KEYS)
 def test_the_fast_check_accepts_every_payload_the_producers_generate(key):
     assert VALID.get(key), f"the generator made no {key} payloads"
-    check = registry._FAST_CHECKS[key]
+    check, decode = registry._FAST_CHECKS[key], registry.RAW_DECODERS[key]
     assert all(check(p) for p in VALID[key])
+    assert all(decode(orjson.dumps(p)) for p in VALID[key])
 
 
 @settings(max_examples=400, deadline=None)
@@ -74,7 +76,7 @@ def test_the_fast_check_accepts_every_payload_the_producers_generate(key):
         max_size=3,
     ),
 )
-def test_a_payload_the_fast_check_accepts_satisfies_the_schema(key, pick, edits):
+def test_a_payload_the_fast_paths_accept_satisfies_the_schema(key, pick, edits):
     payload = copy.deepcopy(VALID[key][pick % len(VALID[key])])
     fields = sorted(payload)
     for op, name, value in edits:
@@ -89,6 +91,12 @@ def test_a_payload_the_fast_check_accepts_satisfies_the_schema(key, pick, edits)
             payload[field] = value
     if registry._FAST_CHECKS[key](payload):
         assert schema_accepts(key, payload), payload
+    try:
+        raw = orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: orjson cannot write it
+        return
+    if registry.RAW_DECODERS[key](raw):
+        assert schema_accepts(key, orjson.loads(raw)), payload
 
 
 @pytest.mark.parametrize(
@@ -105,18 +113,39 @@ def test_a_payload_the_fast_check_accepts_satisfies_the_schema(key, pick, edits)
     ],
 )
 def test_the_fast_check_follows_each_keyword(payload, verdict):
-    check = compile_check(
-        {
-            "type": "object",
-            "required": ["n", "s"],
-            "properties": {
-                "n": {"type": "integer", "minimum": 1},
-                "s": {"type": "string", "pattern": "^[A-Z]+$"},
-                "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
-            },
-        }
-    )
+    check, decode = compile_check(KEYWORDS), compile_decoder(KEYWORDS)
     assert check(payload) is verdict
+    # the raw decoder also refuses what it would leave unread: any unknown field
+    assert decode(orjson.dumps(payload)) is (verdict and "other" not in payload)
+
+
+KEYWORDS = {
+    "type": "object",
+    "required": ["n", "s"],
+    "properties": {
+        "n": {"type": "integer", "minimum": 1},
+        "s": {"type": "string", "pattern": "^[A-Z]+$"},
+        "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "x": {"type": "number"},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"n":1,"s":"AB","x":1e400}', "a number beyond a double (the thorough path's orjson)"),
+        (b'{"n":9223372036854775808,"s":"AB"}', "an integer beyond int64"),
+        (b'{"n":1,"s":"A\xff"}', "invalid UTF-8"),
+        (b'{"n":1,"s":"AB"', "truncated JSON"),
+        (b'{"n":1,"s":"AB","other":1}', "an unknown field, which msgspec would skip unread"),
+        (b'{"n":1,"s":"AB","tags":[' + b"[" * 2000 + b"]" * 2000 + b"]}", "deep nesting"),
+    ],
+)
+def test_the_raw_decoder_refuses_what_it_cannot_vouch_for(raw, why):
+    decode = compile_decoder(KEYWORDS)
+    assert decode(b'{"n":1,"s":"AB","x":1e300}') is True
+    assert decode(raw) is False, why
 
 
 def test_a_schema_with_an_unhandled_keyword_gets_no_fast_check():
@@ -130,8 +159,10 @@ def test_a_union_of_types_accepts_each_of_them_and_nothing_else():
     assert not check({"s": 1})
 
 
-def test_property_names_cannot_inject_code_into_the_generated_check():
+def test_property_names_that_are_no_python_names_are_matched_exactly():
     name = "x'); import os; os._exit(3) #"
-    check = compile_check({"type": "object", "required": [name], "properties": {}})
-    assert check({name: 1}) is True
-    assert check({}) is False
+    schema = {"type": "object", "required": [name], "properties": {name: {"type": "integer"}}}
+    check, decode = compile_check(schema), compile_decoder(schema)
+    assert check({name: 1}) is True and decode(orjson.dumps({name: 1})) is True
+    assert check({}) is False and decode(b"{}") is False
+    assert check({"x": 1}) is False and decode(b'{"x":1}') is False

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from orderflow_dagster.land.landing import _Batch
 from orderflow_dagster.land.parse import Event, Reason, Rejection, parse_event
 from orderflow_dagster.land.ranges import OffsetRange
+from tests.support import FakeMessage
 
 MAX = 100_000
 
@@ -73,28 +74,6 @@ def near_valid_envelopes(draw):
         del env[field]
     # the standard library writes integers of any size, which is part of what is being fuzzed
     return json.dumps(env).encode()
-
-
-class FakeMessage:
-    """Only the accessors _Batch reads; the Kafka side is covered by the integration tests."""
-
-    def __init__(self, value, key=b"k", headers=None):
-        self._value, self._key, self._headers = value, key, headers
-
-    def value(self):
-        return self._value
-
-    def key(self):
-        return self._key
-
-    def headers(self):
-        return self._headers
-
-    def offset(self):
-        return 7
-
-    def timestamp(self):
-        return (1, 1_700_000_000_000)
 
 
 def assert_well_formed(result):

@@ -1,19 +1,30 @@
-"""Plain-Python payload checks generated from the registry's JSON Schemas, for the hot path.
+"""msgspec types generated from the registry's JSON Schemas, for the hot path.
 
 fastjsonschema costs 2-3 µs per payload, mostly on bookkeeping for error messages that a valid
-payload never needs. A check generated here answers only "surely valid?" in a fraction of that:
-it is stricter than the schema (e.g. `integer` means a Python int, never 2.0), so True implies
-the schema holds, and False sends the payload to fastjsonschema, which has the final word and
-words the rejection. A schema using a keyword not handled here gets no fast check at all.
+payload never needs. The types generated here answer only "surely valid?", in C:
+
+- `compile_decoder` reads a payload's raw JSON bytes straight into a typed struct. It is strict
+  in a way that lets landing trust it with the bytes themselves: unknown fields are refused
+  (msgspec would skip them unread: neither their UTF-8 nor their numbers checked), integers must
+  fit 64 bits and numbers a double (what orjson, and so the thorough path, can represent).
+- `compile_check` checks an already parsed payload (a dict), where unknown fields are fine.
+
+Both are stricter than the schema (`integer` is never 2.0, a boolean is never a number), so a
+pass implies the schema holds; a refusal sends the payload to the thorough path, where
+fastjsonschema has the final word and words the rejection. A schema using a keyword not handled
+here gets no fast path at all.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Union
+
+import msgspec
 
 FastCheck = Callable[[Any], bool]
+RawDecoder = Callable[[Any], bool]
 
 # keywords that never change whether a payload is valid
 _ANNOTATIONS = frozenset(
@@ -22,100 +33,133 @@ _ANNOTATIONS = frozenset(
 _HANDLED = frozenset(
     {"type", "required", "properties", "items", "minLength", "maxLength", "pattern", "minimum"}
 )
-# a Python type test per JSON type, exact types only (orjson makes no subclasses; bool is no number)
-_TYPE_TESTS = {
-    "object": "type({v}) is dict",
-    "array": "type({v}) is list",
-    "string": "type({v}) is str",
-    "integer": "type({v}) is int",
-    "number": "(type({v}) is float or type({v}) is int)",
-    "boolean": "type({v}) is bool",
-    "null": "{v} is None",
+# orjson reads an int beyond 64 bits as a float, which a JSON Schema `integer` refuses; msgspec
+# bounds only to int64, which is stricter still
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_SCALARS: dict[str, Any] = {
+    "string": str,
+    "integer": Annotated[int, msgspec.Meta(ge=_INT_MIN, le=_INT_MAX)],
+    "number": float,  # msgspec reads an int into it too, and refuses beyond a double's range
+    "boolean": bool,
+    "null": None,
 }
+_FAILED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 
 
 class Unsupported(Exception):
-    """The schema uses something the generator does not handle: no fast check for it."""
+    """The schema uses something the generator does not handle: no fast path for it."""
+
+
+def compile_type(schema: dict, *, forbid_unknown_fields: bool) -> Any:
+    """The msgspec type a payload of `schema` must have; raises Unsupported."""
+    return _node(schema, "Payload", forbid_unknown_fields)
+
+
+def compile_decoder(schema: dict) -> RawDecoder | None:
+    """A function of raw JSON (bytes or msgspec.Raw): True only if it surely satisfies `schema`
+    and holds nothing unread, else False. None if the schema has no fast path."""
+    try:
+        decode = msgspec.json.Decoder(compile_type(schema, forbid_unknown_fields=True)).decode
+    except Unsupported:
+        return None
+
+    def decoder(raw: Any) -> bool:
+        try:
+            decode(raw)
+        except _FAILED:
+            return False
+        return True
+
+    return decoder
 
 
 def compile_check(schema: dict) -> FastCheck | None:
-    """A function returning True only for payloads that surely satisfy `schema`, or None."""
-    namespace: dict[str, Any] = {"_MISSING": object()}
+    """A function returning True only for parsed payloads that surely satisfy `schema`."""
     try:
-        body = _node(schema, "d0", 1, namespace)
+        target = compile_type(schema, forbid_unknown_fields=False)
     except Unsupported:
         return None
-    source = "def check(d0):\n" + "".join(body) + "    return True\n"
-    # generated from the repo's own schemas; names and patterns enter as literals via repr()
-    exec(compile(source, "<fastcheck>", "exec"), namespace)
-    check = namespace["check"]
-    check.source = source  # the generated code, for whoever debugs a verdict
+
+    def check(payload: Any) -> bool:
+        try:
+            msgspec.convert(payload, target)
+        except _FAILED:
+            return False
+        return True
+
     return check
 
 
-def _fresh(ns: dict, prefix: str) -> str:
-    """A new name in the generated function: nested checks never overwrite an outer variable."""
-    ns["_names"] = ns.get("_names", 0) + 1
-    return f"{prefix}{ns['_names']}"
-
-
-def _node(schema: Any, var: str, depth: int, ns: dict) -> list[str]:
+def _node(schema: Any, name: str, forbid: bool) -> Any:
     if not isinstance(schema, dict):
         raise Unsupported(f"schema node {schema!r}")
     unknown = set(schema) - _HANDLED - _ANNOTATIONS
     if unknown:
         raise Unsupported(", ".join(sorted(unknown)))
-    pad = "    " * depth
-    lines: list[str] = []
     json_type = schema.get("type")
-    if isinstance(json_type, list) and set(schema) - _ANNOTATIONS == {"type"}:
+    if isinstance(json_type, list):
         # e.g. ["string", "null"]; a union with further keywords would need per-type rules
-        if not json_type or not set(json_type) <= set(_TYPE_TESTS):
+        if set(schema) - _ANNOTATIONS != {"type"} or not json_type:
+            raise Unsupported(f"type {json_type!r} with further keywords")
+        if not set(json_type) <= set(_SCALARS) or len(set(json_type)) != len(json_type):
             raise Unsupported(f"type {json_type!r}")
-        tests = " or ".join(_TYPE_TESTS[t].format(v=var) for t in json_type)
-        return [f"{pad}if not ({tests}): return False\n"]
-    if not isinstance(json_type, str) or json_type not in _TYPE_TESTS:
+        if "integer" in json_type and "number" in json_type:
+            raise Unsupported("integer beside number")  # msgspec would read 2 as the int
+        return Union[tuple(_SCALARS[t] for t in json_type)]  # noqa: UP007 (built at runtime)
+    if json_type == "object":
+        return _object(schema, name, forbid)
+    if json_type == "array":
+        if "items" not in schema or set(schema) - _ANNOTATIONS != {"type", "items"}:
+            raise Unsupported("an array needs exactly `items`")  # else: items read as Any
+        return list[_node(schema["items"], name + "Item", forbid)]
+    if json_type not in _SCALARS or json_type == "null":
         raise Unsupported(f"type {json_type!r}")  # also: no type at all
-    lines.append(f"{pad}if not {_TYPE_TESTS[json_type].format(v=var)}: return False\n")
-    if "minLength" in schema or "maxLength" in schema or "pattern" in schema:
+    return _scalar(schema, json_type)
+
+
+def _scalar(schema: dict, json_type: str) -> Any:
+    meta: dict[str, Any] = {}
+    if {"minLength", "maxLength", "pattern"} & set(schema):
         if json_type != "string":
             raise Unsupported("string keywords on a non-string")
         if "minLength" in schema:
-            lines.append(f"{pad}if len({var}) < {int(schema['minLength'])}: return False\n")
+            meta["min_length"] = int(schema["minLength"])
         if "maxLength" in schema:
-            lines.append(f"{pad}if len({var}) > {int(schema['maxLength'])}: return False\n")
+            meta["max_length"] = int(schema["maxLength"])
         if "pattern" in schema:
-            name = _fresh(ns, "_pattern")
-            # re.search, as JSON Schema patterns are unanchored (and as fastjsonschema does)
-            ns[name] = re.compile(schema["pattern"]).search
-            lines.append(f"{pad}if {name}({var}) is None: return False\n")
+            # msgspec searches (unanchored), as JSON Schema patterns and fastjsonschema do
+            meta["pattern"] = re.compile(schema["pattern"]).pattern
     if "minimum" in schema:
-        if json_type not in ("integer", "number"):
-            raise Unsupported("minimum on a non-number")
-        lines.append(f"{pad}if {var} < {float(schema['minimum'])!r}: return False\n")
-    if "required" in schema or "properties" in schema:
-        if json_type != "object":
-            raise Unsupported("object keywords on a non-object")
-        required = list(schema.get("required", ()))
-        properties = schema.get("properties", {})
-        for name in required:
-            child = _fresh(ns, "v")
-            lines.append(f"{pad}{child} = {var}.get({str(name)!r}, _MISSING)\n")
-            if name in properties:  # its type test also fails on _MISSING
-                lines += _node(properties[name], child, depth, ns)
-            else:
-                lines.append(f"{pad}if {child} is _MISSING: return False\n")
-        for name, sub in properties.items():
-            if name in required:
-                continue
-            child = _fresh(ns, "v")
-            lines.append(f"{pad}{child} = {var}.get({str(name)!r}, _MISSING)\n")
-            lines.append(f"{pad}if {child} is not _MISSING:\n")
-            lines += _node(sub, child, depth + 1, ns)
-    if "items" in schema:
-        if json_type != "array":
-            raise Unsupported("items on a non-array")
-        child = _fresh(ns, "v")
-        lines.append(f"{pad}for {child} in {var}:\n")
-        lines += _node(schema["items"], child, depth + 1, ns)
-    return lines
+        minimum = schema["minimum"]
+        if json_type == "integer" and type(minimum) is int:
+            return Annotated[int, msgspec.Meta(ge=max(minimum, _INT_MIN), le=_INT_MAX)]
+        if json_type == "number" and type(minimum) in (int, float):
+            meta["ge"] = float(minimum)
+        else:
+            raise Unsupported(f"minimum {minimum!r} on {json_type}")
+    base = _SCALARS[json_type]
+    return Annotated[base, msgspec.Meta(**meta)] if meta else base
+
+
+def _object(schema: dict, name: str, forbid: bool) -> Any:
+    if set(schema) - _ANNOTATIONS - {"type", "required", "properties"}:
+        raise Unsupported("object with non-object keywords")
+    if "properties" not in schema:
+        raise Unsupported("an object needs `properties`")  # else: its fields read as Any
+    required = list(schema.get("required", ()))
+    properties = schema["properties"]
+    if len(set(required)) != len(required) or not set(required) <= set(properties):
+        raise Unsupported("a required field without a schema")
+    fields: list[tuple[str, Any, Any]] = []
+    names = iter(f"f{i}" for i in range(len(properties)))
+    # attribute names are generated; the JSON names enter only through `field(name=...)`
+    for json_name in required:
+        kind = _node(properties[json_name], name + "_" + json_name, forbid)
+        fields.append((next(names), kind, msgspec.field(name=json_name)))
+    for json_name, sub in properties.items():
+        if json_name not in required:
+            kind = _node(sub, name + "_" + json_name, forbid)
+            fields.append((next(names), kind, msgspec.field(default=None, name=json_name)))
+    return msgspec.defstruct(
+        re.sub(r"\W", "_", name), fields, forbid_unknown_fields=forbid, gc=False
+    )

@@ -15,7 +15,12 @@ from typing import Any
 
 import fastjsonschema
 
-from orderflow_dagster.contract.fastcheck import FastCheck, compile_check
+from orderflow_dagster.contract.fastcheck import (
+    FastCheck,
+    RawDecoder,
+    compile_check,
+    compile_decoder,
+)
 
 SCHEMA_DIR = "schemas"
 _VERSION_FILE = re.compile(r"v(\d+)\.json")
@@ -50,6 +55,12 @@ LATEST_VERSION: dict[str, int] = {t: max(v) for t, v in SUPPORTED_VERSIONS.items
 # the hot path's first opinion: True means surely valid; anything else asks fastjsonschema
 _FAST_CHECKS: dict[tuple[str, int], FastCheck] = {
     key: check for key, schema in SCHEMAS.items() if (check := compile_check(schema)) is not None
+}
+# the landing's first look at a payload's raw bytes: True means surely valid and nothing unread
+RAW_DECODERS: dict[tuple[str, int], RawDecoder] = {
+    key: decode
+    for key, schema in SCHEMAS.items()
+    if (decode := compile_decoder(schema)) is not None
 }
 
 
