@@ -368,3 +368,41 @@ def test_a_copy_committed_on_another_partition_during_a_landing_makes_it_a_dupli
     assert ours == [("duplicate",)]
     # one audit row per record: the first attempt's rows went with its transaction
     assert dict(outcomes) == {"landed": mine.size - 1, "duplicate": 1}
+
+
+def test_a_span_read_to_its_end_keeps_the_assignment_and_any_span_reads_exactly_its_records(
+    kafka_bootstrap, topic
+):
+    """The next range of a partition usually starts where the last one ended: the consumer stays
+    assigned (librdkafka keeps what it fetched ahead) instead of starting over at each range.
+    Spans elsewhere still read exactly their offsets; a span left early unassigns."""
+    produce_orders(kafka_bootstrap, topic, 60, duplicate_rate=0, poison_rate=0)
+    consumer = kafka_source.open_consumer(kafka_bootstrap, GROUP)
+    try:
+        marks = kafka_source.watermarks(consumer, topic, [0, 1, 2, 3])
+        partition = max(marks, key=lambda p: marks[p][1])
+        assert marks[partition][1] >= 30
+
+        def read(start, end):
+            spans = kafka_source.read_span(consumer, topic, partition, start, end, idle_timeout=10)
+            return [m.offset() for batch in spans for m in batch]
+
+        def assigned():
+            return [(tp.topic, tp.partition) for tp in consumer.assignment()]
+
+        assert read(0, 10) == list(range(10))
+        assert assigned() == [(topic, partition)]
+        (position,) = consumer.position([kafka_source.TopicPartition(topic, partition)])
+        assert position.offset == 10  # where the next range starts: nothing to seek
+        assert read(10, 20) == list(range(10, 20))
+        assert read(25, 30) == list(range(25, 30))  # ahead
+        assert read(3, 6) == [3, 4, 5]  # and back
+        assert assigned() == [(topic, partition)]
+
+        spans = kafka_source.read_span(consumer, topic, partition, 0, 30, idle_timeout=10)
+        next(spans)
+        spans.close()  # left early
+        assert assigned() == []
+        assert read(0, 3) == [0, 1, 2]
+    finally:
+        consumer.close()

@@ -108,8 +108,9 @@ def consumer_config(
         # librdkafka's default of 1000 ms makes the consumer idle a full second whenever
         # processing is slower than fetching and the queue briefly fills up.
         "fetch.queue.backoff.ms": 10,
-        # A landing consumer re-assigns at each range; a fetch parked at the log end for the
-        # default 500 ms would delay every range near the head of the log by that much.
+        # A landing consumer assigns afresh for every range that does not continue the last one
+        # (and a new run has a new consumer); a fetch parked at the log end for the default
+        # 500 ms would delay every such range near the head of the log by that much.
         "fetch.wait.max.ms": 10,
         "queued.max.messages.kbytes": CONSUMER_QUEUE_KBYTES,
     }

@@ -93,10 +93,15 @@ def read_span(
     span is done when a record at or past `end - 1` arrives or the log end is reached at or past
     `end`. An offset no longer in the log (retention) raises OffsetsLostError instead of silently
     skipping, because auto.offset.reset is 'error'.
+
+    A span read to its end leaves the consumer assigned: the next span of the partition usually
+    starts where this one ended, and librdkafka has fetched it ahead. A span left early, or by
+    an error, unassigns, so the next one starts from a clean slate.
     """
-    consumer.assign([TopicPartition(topic, partition, start)])
+    _position_at(consumer, topic, partition, start)
     last_progress = time.monotonic()
     next_offset = start
+    finished = False
     try:
         while True:
             # ask only for what the span still needs: librdkafka's batch consume otherwise
@@ -132,6 +137,7 @@ def read_span(
                 next_offset = out[-1].offset() + 1
                 yield out
             if done:
+                finished = True
                 return
             if time.monotonic() - last_progress > idle_timeout:
                 raise KafkaUnavailableError(
@@ -142,4 +148,16 @@ def read_span(
                     )
                 )
     finally:
-        consumer.unassign()
+        if not finished:
+            consumer.unassign()
+
+
+def _position_at(consumer: Consumer, topic: str, partition: int, start: int) -> None:
+    """Make `start` the next offset the consumer returns for the partition, keeping the
+    assignment (and what it fetched ahead) when it is already there."""
+    assigned = consumer.assignment()
+    if len(assigned) == 1 and (assigned[0].topic, assigned[0].partition) == (topic, partition):
+        (position,) = consumer.position([TopicPartition(topic, partition)])
+        if position.offset == start:
+            return
+    consumer.assign([TopicPartition(topic, partition, start)])
