@@ -92,6 +92,10 @@ def test_copy_text_escapes_the_characters_copy_treats_specially():
     assert copy_text("a\tb\nc\\d\re") == "a\\tb\\nc\\\\d\\re"
     assert copy_text(None) == "\\N"
     assert copy_json('{"a":"x\\"y"}') == '{"a":"x\\\\"y"}'
+    # a pretty-printed payload: the whitespace between tokens is escaped too
+    assert copy_json('{\n\t"a": 1\r}') == '{\\n\\t"a": 1\\r}'
+    # other unprintable characters are no concern of COPY and stay as they are
+    assert copy_text("注文 \u2028 \x01") == "注文 \u2028 \x01"
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ class _Batch:
             self.events.append(
                 f"{self.prefix}{msg.offset()}\t{event.event_id}\t{aggregate}"
                 f"\t{event.event_type}\t{event.schema_version}\t{event.timestamp_ms}"
-                f"\t{copy_text(event.payload_json)}\t{key_text}\t{headers_text}"
+                f"\t{copy_json(event.payload_json)}\t{key_text}\t{headers_text}"
                 f"\t{copy_text(_trace_id(event, headers))}\t{kafka_ts}{self.suffix}"
             )
         else:

@@ -220,20 +220,24 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 NULL = "\\N"
 
 
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
-
-
 def copy_text(value: str | None) -> str:
     """A text value escaped for COPY's text format."""
     if value is None:
         return NULL
-    # most values need no escaping; a regex search is ~10x cheaper than str.translate
-    return value.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
+    # most values need no escaping, and two scans in C find that out faster than a regex
+    # search (str.translate costs ~10x either): tab, newline and return are not printable
+    if "\\" in value or not value.isprintable():
+        return value.translate(_COPY_ESCAPES)
+    return value
 
 
 def copy_json(value: str) -> str:
-    """orjson output escapes control characters itself; only backslashes need doubling."""
-    return value.replace("\\", "\\\\") if "\\" in value else value
+    """JSON text escaped for COPY's text format. Valid JSON holds no raw control character but
+    the whitespace between its tokens, so four substring scans in C tell whether anything needs
+    escaping (a pretty-printed payload does; orjson's output only ever has backslashes)."""
+    if "\\" in value or "\n" in value or "\t" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
 
 
 def copy_bytea(value: bytes | None) -> str:
