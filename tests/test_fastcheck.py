@@ -107,6 +107,7 @@ def test_a_payload_the_fast_paths_accept_satisfies_the_schema(key, pick, edits):
         ({"n": True, "s": "AB"}, False),  # a JSON boolean is not an integer
         ({"n": 2.0, "s": "AB"}, False),  # the schema allows it; the fast check defers to it
         ({"n": 1, "s": "ab"}, False),  # pattern
+        ({"n": 1, "s": "AB\n"}, False),  # `$` is the end of the string, as in the schema
         ({"n": 1}, False),  # required
         ({"n": 1, "s": "AB", "tags": ["a", ""]}, False),  # minLength inside items
         ({"n": 1, "s": "AB", "tags": ["a"], "other": None}, True),  # unknown fields are allowed

@@ -64,6 +64,10 @@ def test_the_fast_path_keeps_the_payload_as_sent():
         ("a quantity beyond int64", lambda s: re.sub(r'"qty":\d+', f'"qty":{2**63}', s, count=1)),
         ("a repeated key", lambda s: s[:-1] + ',"event_type":"OrderTeleported"}'),
         ("a float for an integer", lambda s: re.sub(r'"qty":(\d+)', r'"qty":\1.0', s, count=1)),
+        (
+            "a currency with a final newline",  # Python's `$` would match before it
+            lambda s: re.sub(r'"currency":"([A-Z]{3})"', r'"currency":"\1\\n"', s, count=1),
+        ),
     ],
 )
 def test_what_the_fast_path_refuses_the_thorough_path_decides(name, edit):

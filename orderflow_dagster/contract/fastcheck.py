@@ -44,6 +44,8 @@ _SCALARS: dict[str, Any] = {
     "null": None,
 }
 _FAILED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+# the `$` fastjsonschema turns into `\Z` (its DOLLAR_FINDER): every one not escaped
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
 class Unsupported(Exception):
@@ -127,8 +129,15 @@ def _scalar(schema: dict, json_type: str) -> Any:
         if "maxLength" in schema:
             meta["max_length"] = int(schema["maxLength"])
         if "pattern" in schema:
-            # msgspec searches (unanchored), as JSON Schema patterns and fastjsonschema do
-            meta["pattern"] = re.compile(schema["pattern"]).pattern
+            # msgspec searches (unanchored), as JSON Schema patterns and fastjsonschema do; and
+            # like fastjsonschema, `$` means the end of the string (ECMA), not "before a final
+            # newline" (Python): "USD\n" must not match "^[A-Z]{3}$"
+            pattern = _UNESCAPED_DOLLAR.sub(r"\\Z", schema["pattern"])
+            try:
+                re.compile(pattern)
+            except re.error as exc:  # e.g. a `$` inside a character set
+                raise Unsupported(f"pattern {schema['pattern']!r}: {exc}") from exc
+            meta["pattern"] = pattern
     if "minimum" in schema:
         minimum = schema["minimum"]
         if json_type == "integer" and type(minimum) is int:
