@@ -61,7 +61,7 @@ from pathlib import Path
 
 import confluent_kafka
 import psycopg
-from _common import log, proc_field  # bench/_common.py, beside this script
+from _common import log, proc_cpu_s, proc_field  # bench/_common.py, beside this script
 from psycopg import sql
 
 from orderflow_dagster.ingest.generator import generate
@@ -250,6 +250,8 @@ def land_topic(bootstrap: str, dsn: str, topic: str, batch: int, events: int) ->
             )
             rss_before_kb = vm_status_kb("VmHWM")
             sched_started = thread_schedstat()
+            backend = conn.info.backend_pid
+            backend_cpu_started = proc_cpu_s(backend)
             started, cpu_started = time.perf_counter(), time.process_time()
             results = [
                 land_range(rng, conn=conn, consumer=consumer, run_id=run_id)
@@ -257,6 +259,7 @@ def land_topic(bootstrap: str, dsn: str, topic: str, batch: int, events: int) ->
             ]
             seconds = time.perf_counter() - started
             cpu_s = time.process_time() - cpu_started
+            backend_cpu = proc_cpu_s(backend)
             sched = [b - a for a, b in zip(sched_started, thread_schedstat(), strict=True)]
             table_rows, table_dead = conn.execute(
                 "select (select count(*) from raw.order_events),"
@@ -275,6 +278,12 @@ def land_topic(bootstrap: str, dsn: str, topic: str, batch: int, events: int) ->
         "table_dead": table_dead,
         "seconds": seconds,
         "cpu_s": cpu_s,  # all threads of the landing process (librdkafka's included)
+        # the landing's Postgres backend, when the server runs on this host
+        "backend_cpu_s": (
+            backend_cpu - backend_cpu_started
+            if backend_cpu is not None and backend_cpu_started is not None
+            else None
+        ),
         # the main (Python) thread: seconds on a CPU, and runnable but waiting for one
         "main_on_cpu_s": sched[0] if sched else None,
         "main_runqueue_s": sched[1] if sched else None,
@@ -588,6 +597,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             f" ({land['cpu_s'] / land['seconds']:.0%} of one core)",
         ),
         main_thread_row(land),
+        backend_row(land),
         (
             "produce (generate + send)",
             f"{rate(r['produce']['messages'], r['produce']['seconds']):,.0f} msg/s",
@@ -607,6 +617,17 @@ def main_thread_row(land: dict) -> tuple[str, str]:
         "diagnostic: landing main thread",
         f"{on_cpu:.1f} s on CPU, {queued:.1f} s waiting for a CPU,"
         f" {blocked:.1f} s blocked (Postgres, Kafka)",
+    )
+
+
+def backend_row(land: dict) -> tuple[str, str]:
+    cpu = land.get("backend_cpu_s")
+    if cpu is None:
+        return ("diagnostic: Postgres backend CPU", "n/a (the server is not on this host)")
+    return (
+        "diagnostic: Postgres backend CPU",
+        f"{cpu:.1f} s in {land['seconds']:.1f} s of landing ({cpu / land['seconds']:.0%}):"
+        " the one connection every statement of a landing runs on",
     )
 
 

@@ -43,7 +43,8 @@ _SCALARS: dict[str, Any] = {
     "boolean": bool,
     "null": None,
 }
-_FAILED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+# what msgspec raises for a value it refuses (nesting too deep included)
+DECODE_FAILED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 # the `$` fastjsonschema turns into `\Z` (its DOLLAR_FINDER): every one not escaped
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
@@ -64,15 +65,7 @@ def compile_decoder(schema: dict) -> RawDecoder | None:
         decode = msgspec.json.Decoder(compile_type(schema, forbid_unknown_fields=True)).decode
     except Unsupported:
         return None
-
-    def decoder(raw: Any) -> bool:
-        try:
-            decode(raw)
-        except _FAILED:
-            return False
-        return True
-
-    return decoder
+    return _verdict(decode)
 
 
 def compile_check(schema: dict) -> FastCheck | None:
@@ -81,15 +74,20 @@ def compile_check(schema: dict) -> FastCheck | None:
         target = compile_type(schema, forbid_unknown_fields=False)
     except Unsupported:
         return None
+    return _verdict(lambda payload: msgspec.convert(payload, target))
 
-    def check(payload: Any) -> bool:
+
+def _verdict(read: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    """True where `read` succeeds, False where msgspec refuses the value."""
+
+    def passes(value: Any) -> bool:
         try:
-            msgspec.convert(payload, target)
-        except _FAILED:
+            read(value)
+        except DECODE_FAILED:
             return False
         return True
 
-    return check
+    return passes
 
 
 def _node(schema: Any, name: str, forbid: bool) -> Any:

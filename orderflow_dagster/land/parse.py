@@ -20,6 +20,7 @@ import msgspec
 import orjson
 
 from orderflow_dagster.contract import registry
+from orderflow_dagster.contract.fastcheck import DECODE_FAILED
 
 
 class Reason:
@@ -119,7 +120,7 @@ def parse_fast(value: bytes) -> Event | None:
     """The Event of a plainly valid envelope, or None: then `parse_thorough` decides."""
     try:
         env = _decode_envelope(value)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+    except DECODE_FAILED:
         return None
     if env.schema_version not in SUPPORTED_VERSIONS.get(env.event_type, ()):
         return None
