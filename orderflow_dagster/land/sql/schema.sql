@@ -181,14 +181,19 @@ begin
           and topic = p_topic and kafka_partition <> p_partition
     loop
         -- each of their rows probes the event_id index for a copy among ours (a scalar
-        -- subquery in the select list: one probe per row, whatever the planner estimates)
+        -- subquery in the select list: one probe per row, whatever the planner estimates).
+        -- Only event_id is offered to the probe's scan (offset 0 keeps the other conditions
+        -- out of it): given topic and partition too, the planner takes the primary key, whose
+        -- statistics predate the rows it just wrote, and reads all of ours for each of theirs.
         if exists (
             select
             from (
                 select (select true
-                        from raw.order_events m
-                        where m.event_id = o.event_id
-                          and m.topic = p_topic and m.kafka_partition = p_partition
+                        from (select c.topic, c.kafka_partition, c.run_id, c.kafka_offset
+                              from raw.order_events c
+                              where c.event_id = o.event_id
+                              offset 0) m
+                        where m.topic = p_topic and m.kafka_partition = p_partition
                           and m.run_id = p_run_id
                           and exists (select from unnest(p_starts, p_ends) w(s, e)
                                       where m.kafka_offset >= w.s and m.kafka_offset < w.e)
