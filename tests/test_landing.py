@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
+from orderflow_dagster.ingest.envelope import new_event_id
+from orderflow_dagster.ingest.producer import EventProducer, emit_event
 from orderflow_dagster.land import kafka_source, store
 from orderflow_dagster.land.landing import land_range, repair_kafka_commits
 from orderflow_dagster.land.planner import plan_ranges
@@ -132,6 +134,52 @@ def test_landing_overlapping_ranges_adds_no_row_twice(kafka_bootstrap, postgres_
         ).fetchone()[0]
         assert count + dead == high == a.messages_read + b.messages_read
     assert outgoing
+
+
+def test_a_copy_in_a_later_gap_of_one_landing_is_a_duplicate_even_above_the_greatest_landed_id(
+    kafka_bootstrap, postgres_dsn, topic
+):
+    """A landing's audit skips the index probe for event_ids above the greatest one landed
+    before its gap began. A landing with two gaps must count its own first gap as landed
+    before: a copy in the second gap of an id first seen in the first gap is a duplicate."""
+    high = "ffffffff-ffff-7fff-bfff-ffffffffffff"  # above every id minted before it
+    # offsets 0-5 of one partition (one key): high first seen at 1, its copy at 5
+    sent = [new_event_id(), high, new_event_id(), new_event_id(), new_event_id(), high]
+    with EventProducer(kafka_bootstrap, topic=topic) as producer:
+        for event_id in sent:
+            emit_event(
+                "ord-gaps",
+                "OrderCancelled",
+                {"reason": "r"},
+                event_id=event_id,
+                topic=topic,
+                producer=producer,
+            )
+    with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
+        plan = plan_ranges(conn, consumer, topic, max_events_per_batch=100, max_inflight=4)
+        (whole,) = plan.unlanded
+        assert whole.size == 6
+        # offsets 2-3 first, so landing 0-6 has two gaps: [0, 2) and [4, 6)
+        land_range(
+            OffsetRange(topic, whole.partition, 2, 4), conn=conn, consumer=consumer, run_id="middle"
+        )
+        landed = land_range(whole, conn=conn, consumer=consumer, run_id="both-gaps")
+        assert (landed.rows_landed, landed.already_landed) == (4, 2)
+        outcomes = dict(
+            conn.execute(
+                "select kafka_offset, outcome from audit.ingest_log"
+                " where topic = %s and kafka_partition = %s",
+                (topic, whole.partition),
+            ).fetchall()
+        )
+    assert outcomes == {
+        0: "landed",
+        1: "landed",
+        2: "landed",
+        3: "landed",
+        4: "landed",
+        5: "duplicate",
+    }
 
 
 def test_the_kafka_commit_never_passes_a_gap(kafka_bootstrap, postgres_dsn, topic):

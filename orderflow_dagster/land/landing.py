@@ -279,6 +279,8 @@ def _stream_gaps(
     batch = _Batch(rng, run_id, max_message_bytes)
     with cur_conn.cursor() as cur:
         for start, end in gaps:
+            # after the classification snapshot and before this gap's rows (see audit.log_landing)
+            max_landed = store.greatest_event_id(cur_conn)
             spans = kafka_source.read_span(
                 consumer, rng.topic, rng.partition, start, end, idle_timeout=idle_timeout
             )
@@ -306,6 +308,7 @@ def _stream_gaps(
                 "end": end,
                 "run_id": run_id,
                 "key": rng.key,
+                "max_landed": max_landed,
             }
             cur.execute(AUDIT_FROM_LANDING, window)
     return messages, batch.rows, dead
@@ -313,7 +316,8 @@ def _stream_gaps(
 
 # see audit.log_landing in sql/schema.sql
 AUDIT_FROM_LANDING = (
-    "select audit.log_landing(%(topic)s, %(partition)s, %(start)s, %(end)s, %(run_id)s, %(key)s)"
+    "select audit.log_landing(%(topic)s, %(partition)s, %(start)s, %(end)s, %(run_id)s, %(key)s,"
+    " %(max_landed)s::uuid)"
 )
 
 

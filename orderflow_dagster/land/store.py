@@ -180,6 +180,15 @@ def classification_snapshot(conn: psycopg.Connection) -> str:
     return conn.execute("select pg_current_snapshot()::text").fetchone()[0]
 
 
+def greatest_event_id(conn: psycopg.Connection) -> str | None:
+    """The greatest event_id landed so far (visible to this transaction): one step down the
+    event_id index. See p_max_landed in audit.log_landing."""
+    row = conn.execute(
+        "select event_id::text from raw.order_events order by event_id desc limit 1"
+    ).fetchone()
+    return None if row is None else row[0]
+
+
 def settle_landing(
     conn: psycopg.Connection,
     rng: OffsetRange,

@@ -118,12 +118,19 @@ create index if not exists ingest_ledger_xact_id on raw.ingest_ledger (xact_id);
 
 -- The audit rows of the records a landing wrote in [p_start, p_end), derived in the database from
 -- what it just wrote (no second stream of Python-formatted lines on the hot path). Called after
--- each chunk's COPY, in offset order. A landed row is a `duplicate` when another row has its
+-- each gap's COPY, in offset order. A landed row is a `duplicate` when another row has its
 -- event_id and is not this landing's own later copy: landed before, or earlier in the window.
+-- p_max_landed: the greatest event_id landed before the window's COPY began (taken after the
+-- landing's classification snapshot). A row whose event_id is greater, and first of its id in
+-- the window, can have no earlier copy, so it skips the index probe: with time-ordered
+-- (UUIDv7) ids, that is nearly every row. Copies committed by other partitions since are
+-- audit.settle_landing's business, as before.
 -- dropped first: create or replace cannot rename parameters or change the language
 drop function if exists audit.log_landing(text, integer, bigint, bigint, text, text);
+drop function if exists audit.log_landing(text, integer, bigint, bigint, text, text, uuid);
 create or replace function audit.log_landing(
-    p_topic text, p_partition integer, p_start bigint, p_end bigint, p_run_id text, p_key text
+    p_topic text, p_partition integer, p_start bigint, p_end bigint, p_run_id text, p_key text,
+    p_max_landed uuid
 ) returns void
 language sql
 -- Landed offsets always lie past the column statistics, so the planner may expect ~1 row and
@@ -133,15 +140,21 @@ as $$
 insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id, outcome, reason,
                               run_id, partition_key, trace_id)
 select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
-       case when exists (
-           select from raw.order_events o
-           where o.event_id = l.event_id
-             -- rows past the window, even of this run, are from an earlier landing: the
-             -- landing writes and classifies its chunks in offset order
-             and (o.kafka_offset < l.kafka_offset or o.kafka_offset >= p_end
-                  or o.topic <> p_topic or o.kafka_partition <> p_partition
-                  or o.run_id <> p_run_id)
-       ) then 'duplicate' else 'landed' end,
+       case
+           when row_number() over (partition by l.event_id order by l.kafka_offset) > 1
+               then 'duplicate'
+           when p_max_landed is null or l.event_id > p_max_landed then 'landed'
+           when exists (
+               select from raw.order_events o
+               where o.event_id = l.event_id
+                 -- rows past the window, even of this run, are from an earlier landing: the
+                 -- landing writes and classifies its gaps in offset order
+                 and (o.kafka_offset < l.kafka_offset or o.kafka_offset >= p_end
+                      or o.topic <> p_topic or o.kafka_partition <> p_partition
+                      or o.run_id <> p_run_id)
+           ) then 'duplicate'
+           else 'landed'
+       end,
        null, l.run_id, p_key, l.trace_id
 from raw.order_events l
 where l.topic = p_topic and l.kafka_partition = p_partition
