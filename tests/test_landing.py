@@ -318,7 +318,7 @@ def _joins_without_an_index(plan: dict) -> list[str]:
     ]
 
 
-def test_the_audit_probes_the_event_id_index_once_per_row_and_never_scans(
+def test_the_audit_and_the_greatest_id_lookup_use_the_event_id_index_and_never_scan(
     kafka_bootstrap, postgres_dsn, topic
 ):
     """The audit classifies each landed row with one index probe; a scan of the events per row
@@ -353,6 +353,24 @@ def test_the_audit_probes_the_event_id_index_once_per_row_and_never_scans(
             and n["Index Name"] == "order_events_event_id"
             for n in probes
         ), plan
+    # the greatest landed event_id, read before each gap: one step down the index, not a scan
+    greatest = [
+        json.loads(m[m.index("{") :])["Plan"]
+        for m in plans
+        if "order by event_id desc limit 1" in m.lower() and "{" in m
+    ]
+    assert greatest, "auto_explain reported no plan for the greatest event_id"
+    for plan in greatest:
+        scans = [
+            (n["Node Type"], n.get("Index Name"))
+            for n in _nodes(plan)
+            if n.get("Relation Name") == "order_events"
+        ]
+        assert len(scans) == 1, plan
+        assert scans[0] in {
+            ("Index Only Scan", "order_events_event_id"),
+            ("Index Scan", "order_events_event_id"),
+        }, plan
 
 
 def test_settling_probes_the_event_id_index_for_each_row_of_a_concurrent_landing(postgres_dsn):

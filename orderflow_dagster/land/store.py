@@ -183,10 +183,12 @@ def classification_snapshot(conn: psycopg.Connection) -> str:
 def greatest_event_id(conn: psycopg.Connection) -> str | None:
     """The greatest event_id landed so far (visible to this transaction): one step down the
     event_id index. See p_max_landed in audit.log_landing."""
+    # the uuid itself, not its text: `order by event_id` would name a text output column and
+    # sort a scan of the whole table instead of reading the index backwards
     row = conn.execute(
-        "select event_id::text from raw.order_events order by event_id desc limit 1"
+        "select event_id from raw.order_events order by event_id desc limit 1"
     ).fetchone()
-    return None if row is None else row[0]
+    return None if row is None else str(row[0])
 
 
 def settle_landing(
