@@ -302,6 +302,15 @@ def explain_every_statement(conn: psycopg.Connection) -> list[str]:
     return plans
 
 
+def plans_of(plans: list[str], statement_text: str) -> list[dict]:
+    """The plans (JSON) of the statements whose text contains `statement_text`."""
+    return [
+        json.loads(text[text.index("{") :])["Plan"]
+        for text in plans
+        if "{" in text and statement_text in text.lower()
+    ]
+
+
 def _nodes(plan: dict):
     yield plan
     for child in plan.get("Plans", []):
@@ -332,11 +341,7 @@ def test_the_audit_and_the_greatest_id_lookup_use_the_event_id_index_and_never_s
         plans = explain_every_statement(conn)
         landed = land_all(conn, consumer, topic, max_events=10_000, run_id="past-the-stats")
         assert sum(r.rows_landed for r in landed) > 1000
-    audits = [
-        json.loads(m[m.index("{") :])["Plan"]
-        for m in plans
-        if "insert into audit.ingest_log" in m.lower() and "{" in m
-    ]
+    audits = plans_of(plans, "insert into audit.ingest_log")
     assert audits, "auto_explain reported no plan for the audit insert"
     for plan in audits:
         nodes = list(_nodes(plan))
@@ -354,11 +359,7 @@ def test_the_audit_and_the_greatest_id_lookup_use_the_event_id_index_and_never_s
             for n in probes
         ), plan
     # the greatest landed event_id, read before each gap: one step down the index, not a scan
-    greatest = [
-        json.loads(m[m.index("{") :])["Plan"]
-        for m in plans
-        if "order by event_id desc limit 1" in m.lower() and "{" in m
-    ]
+    greatest = plans_of(plans, "order by event_id desc limit 1")
     assert greatest, "auto_explain reported no plan for the greatest event_id"
     for plan in greatest:
         scans = [
@@ -403,9 +404,8 @@ def test_settling_probes_the_event_id_index_for_each_row_of_a_concurrent_landing
         conn.rollback()
     probes = [
         node
-        for text in plans
-        if "{" in text and "from raw.order_events o" in text
-        for node in _nodes(json.loads(text[text.index("{") :])["Plan"])
+        for plan in plans_of(plans, "from raw.order_events o")
+        for node in _nodes(plan)
         # o: their rows, read by the primary key; any other scan of the events is a probe
         if node.get("Relation Name") == "order_events" and node.get("Alias") != "o"
     ]
