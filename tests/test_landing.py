@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from orderflow_dagster.ingest.envelope import new_event_id
 from orderflow_dagster.ingest.producer import EventProducer, emit_event
 from orderflow_dagster.land import kafka_source, store
 from orderflow_dagster.land.landing import land_range, repair_kafka_commits
@@ -136,35 +135,41 @@ def test_landing_overlapping_ranges_adds_no_row_twice(kafka_bootstrap, postgres_
     assert outgoing
 
 
-def test_a_copy_in_a_later_gap_of_one_landing_is_a_duplicate_even_above_the_greatest_landed_id(
-    kafka_bootstrap, postgres_dsn, topic
+@pytest.mark.parametrize("ids", ["ascending", "descending"])
+def test_a_copy_in_a_later_gap_of_one_landing_is_a_duplicate(
+    kafka_bootstrap, postgres_dsn, topic, ids
 ):
-    """A landing's audit skips the index probe for event_ids above the greatest one landed
-    before its gap began. A landing with two gaps must count its own first gap as landed
-    before: a copy in the second gap of an id first seen in the first gap is a duplicate."""
-    high = "ffffffff-ffff-7fff-bfff-ffffffffffff"  # above every id minted before it
-    # offsets 0-5 of one partition (one key): high first seen at 1, its copy at 5
-    sent = [new_event_id(), high, new_event_id(), new_event_id(), new_event_id(), high]
+    """A landing with two gaps counts its own first gap as landed before its second.
+
+    Ascending ids take the audit's shortcut (ids above the greatest landed before the gap skip
+    the probe), so the greatest id must be read again after the first gap: the copy at offset 6
+    is above every id landed before the landing began. Descending ids take the probe path."""
+
+    def event_id(n: int) -> str:
+        return f"{n if ids == 'ascending' else 100 - n:08x}-0000-7000-8000-000000000000"
+
+    # offsets 0-6 of one partition (one key); offsets 2-3 are landed first, so the landing of
+    # 0-7 has two gaps, [0, 2) and [4, 7); offset 6 is a copy of offset 1
+    sent = [event_id(n) for n in (3, 4, 1, 2, 5, 6, 4)]
     with EventProducer(kafka_bootstrap, topic=topic) as producer:
-        for event_id in sent:
+        for sent_id in sent:
             emit_event(
                 "ord-gaps",
                 "OrderCancelled",
                 {"reason": "r"},
-                event_id=event_id,
+                event_id=sent_id,
                 topic=topic,
                 producer=producer,
             )
     with connections(kafka_bootstrap, postgres_dsn) as (conn, consumer):
         plan = plan_ranges(conn, consumer, topic, max_events_per_batch=100, max_inflight=4)
         (whole,) = plan.unlanded
-        assert whole.size == 6
-        # offsets 2-3 first, so landing 0-6 has two gaps: [0, 2) and [4, 6)
+        assert whole.size == 7
         land_range(
             OffsetRange(topic, whole.partition, 2, 4), conn=conn, consumer=consumer, run_id="middle"
         )
         landed = land_range(whole, conn=conn, consumer=consumer, run_id="both-gaps")
-        assert (landed.rows_landed, landed.already_landed) == (4, 2)
+        assert (landed.rows_landed, landed.already_landed) == (5, 2)
         outcomes = dict(
             conn.execute(
                 "select kafka_offset, outcome from audit.ingest_log"
@@ -172,14 +177,7 @@ def test_a_copy_in_a_later_gap_of_one_landing_is_a_duplicate_even_above_the_grea
                 (topic, whole.partition),
             ).fetchall()
         )
-    assert outcomes == {
-        0: "landed",
-        1: "landed",
-        2: "landed",
-        3: "landed",
-        4: "landed",
-        5: "duplicate",
-    }
+    assert outcomes == {offset: "landed" for offset in range(6)} | {6: "duplicate"}
 
 
 def test_the_kafka_commit_never_passes_a_gap(kafka_bootstrap, postgres_dsn, topic):

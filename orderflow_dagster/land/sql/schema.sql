@@ -120,11 +120,13 @@ create index if not exists ingest_ledger_xact_id on raw.ingest_ledger (xact_id);
 -- what it just wrote (no second stream of Python-formatted lines on the hot path). Called after
 -- each gap's COPY, in offset order. A landed row is a `duplicate` when another row has its
 -- event_id and is not this landing's own later copy: landed before, or earlier in the window.
--- p_max_landed: the greatest event_id landed before the window's COPY began (taken after the
--- landing's classification snapshot). A row whose event_id is greater, and first of its id in
--- the window, can have no earlier copy, so it skips the index probe: with time-ordered
--- (UUIDv7) ids, that is nearly every row. Copies committed by other partitions since are
--- audit.settle_landing's business, as before.
+-- p_max_landed, when given: the greatest event_id landed before the window's COPY began (read
+-- after the landing's classification snapshot; nil if none). A row whose event_id is greater,
+-- and first of its id in the window, can have no earlier copy and skips the index probe; with
+-- time-ordered (UUIDv7) ids that is nearly every row. Copies committed by other partitions
+-- since are audit.settle_landing's business, as before. Without it (the landing passes none
+-- when most of the window's ids are not above it, as with random ids), every row probes, in
+-- offset order, and the window is not sorted.
 -- dropped first: create or replace cannot rename parameters or change the language
 drop function if exists audit.log_landing(text, integer, bigint, bigint, text, text);
 drop function if exists audit.log_landing(text, integer, bigint, bigint, text, text, uuid);
@@ -147,12 +149,10 @@ select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
        case
            when row_number() over (partition by l.event_id order by l.kafka_offset) > 1
                then 'duplicate'
-           when p_max_landed is null or l.event_id > p_max_landed then 'landed'
+           when l.event_id > p_max_landed then 'landed'
            when exists (
                select from raw.order_events o
                where o.event_id = l.event_id
-                 -- rows past the window, even of this run, are from an earlier landing: the
-                 -- landing writes and classifies its gaps in offset order
                  and (o.kafka_offset < l.kafka_offset or o.kafka_offset >= p_end
                       or o.topic <> p_topic or o.kafka_partition <> p_partition
                       or o.run_id <> p_run_id)
@@ -161,7 +161,26 @@ select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
        end,
        null, l.run_id, p_key, l.trace_id
 from raw.order_events l
-where l.topic = p_topic and l.kafka_partition = p_partition
+where p_max_landed is not null
+  and l.topic = p_topic and l.kafka_partition = p_partition
+  and l.kafka_offset >= p_start and l.kafka_offset < p_end and l.run_id = p_run_id;
+
+insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id, outcome, reason,
+                              run_id, partition_key, trace_id)
+select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
+       case when exists (
+           select from raw.order_events o
+           where o.event_id = l.event_id
+             -- rows past the window, even of this run, are from an earlier landing: the
+             -- landing writes and classifies its gaps in offset order
+             and (o.kafka_offset < l.kafka_offset or o.kafka_offset >= p_end
+                  or o.topic <> p_topic or o.kafka_partition <> p_partition
+                  or o.run_id <> p_run_id)
+       ) then 'duplicate' else 'landed' end,
+       null, l.run_id, p_key, l.trace_id
+from raw.order_events l
+where p_max_landed is null
+  and l.topic = p_topic and l.kafka_partition = p_partition
   and l.kafka_offset >= p_start and l.kafka_offset < p_end and l.run_id = p_run_id
 union all
 select topic, kafka_partition, kafka_offset, null, 'dead_lettered', reason, run_id, p_key, null
