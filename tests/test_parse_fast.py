@@ -5,10 +5,12 @@ the producers generate, and what it refuses the thorough path decides."""
 import json
 import re
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orderflow_dagster.ingest.envelope import new_event
 from orderflow_dagster.ingest.generator import generate
 from orderflow_dagster.land.landing import _Batch
 from orderflow_dagster.land.parse import Event, parse_event, parse_fast, parse_thorough
@@ -137,3 +139,37 @@ def test_the_agreement_check_itself_sees_a_different_payload():
     # guards the property above: the comparison must notice a changed number
     assert not same_json('{"a":1.5}', '{"a":1.25}')
     assert same_json('{"a":10.50}', '{"a":10.5}')
+
+
+def _envelope(event_id: str) -> FakeMessage:
+    value = orjson.dumps(new_event("ord-1", "OrderCancelled", {"reason": "r"}, event_id=event_id))
+    return FakeMessage(value, b"ord-1")
+
+
+@pytest.mark.parametrize(
+    ("ids", "greatest_landed", "shortcut"),
+    [
+        (["00000002", "00000003", "00000001"], "00000001", True),  # most above: time-ordered
+        (["00000002", "00000001", "00000001"], "00000001", False),  # one of three above
+        (["00000003", "00000001"], "00000002", False),  # half is not most
+        (["00000001", "00000002"], "00000002", False),  # equal is not above
+        (["00000001"], None, True),  # nothing landed yet: every id is above
+    ],
+)
+def test_a_gap_takes_the_audit_shortcut_only_when_most_of_its_ids_are_above_the_greatest_landed(
+    ids, greatest_landed, shortcut
+):
+    """The landing asks audit.log_landing to skip the probe for ids above the greatest landed
+    one only when most of the gap's ids are; otherwise the unsorted probe of every row is
+    cheaper (random ids). Dead letters do not count."""
+
+    def full(prefix: str) -> str:
+        return f"{prefix}-0000-7000-8000-000000000000"
+
+    batch = _Batch(OffsetRange("t", 0, 0, 10), "run", 1 << 20)
+    batch.start_gap(full(greatest_landed) if greatest_landed else None)
+    for prefix in ids:
+        batch.add(_envelope(full(prefix)))
+    batch.add(FakeMessage(b"not json"))
+    assert len(batch.dead) == 1
+    assert batch.gap_mostly_above() is shortcut
