@@ -9,7 +9,7 @@ from confluent_kafka import Consumer
 from dagster import ConfigurableResource, EnvVar
 
 from orderflow_dagster import settings
-from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land import kafka_source, session, store
 from orderflow_dagster.land.landing import DEFAULT_MAX_MESSAGE_BYTES
 
 _schema_ready: set[str] = set()
@@ -33,13 +33,14 @@ class KafkaResource(ConfigurableResource):
 
 
 class PostgresResource(ConfigurableResource):
-    """The warehouse. The DSN comes from ORDERFLOW_POSTGRES_DSN and is never logged."""
+    """The warehouse. The DSN comes from ORDERFLOW_POSTGRES_DSN and is never logged. Sessions
+    pin their isolation level and timeouts (see land/session.py)."""
 
     dsn: str
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
-        conn = psycopg.connect(self.dsn, autocommit=True, application_name="orderflow")
+        conn = session.connect(self.dsn)
         try:
             if self.dsn not in _schema_ready:
                 store.ensure_schema(conn)

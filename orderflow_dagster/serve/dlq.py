@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from orderflow_dagster import settings
-from orderflow_dagster.land import store
+from orderflow_dagster.land import session, store
 from orderflow_dagster.land.landing import DEFAULT_MAX_MESSAGE_BYTES, _decode_lossless
 from orderflow_dagster.land.parse import Event, parse_event
 
@@ -136,7 +136,7 @@ def replay(
 
 
 def _connect() -> psycopg.Connection:
-    conn = psycopg.connect(settings.require("ORDERFLOW_POSTGRES_DSN"), autocommit=True)
+    conn = session.connect(settings.require("ORDERFLOW_POSTGRES_DSN"))
     store.ensure_schema(conn)
     return conn
 

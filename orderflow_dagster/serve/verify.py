@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from orderflow_dagster import settings
-from orderflow_dagster.land import kafka_source
+from orderflow_dagster.land import kafka_source, session
 
 
 @dataclass(frozen=True)
@@ -198,9 +198,8 @@ def _keys_twice(conn: psycopg.Connection, schema: str, table: str, key: str) -> 
 def verify(
     dsn: str, bootstrap: str, topic: str, group: str, schema: str
 ) -> tuple[list[Check], int]:
-    # read-only: a read-only transaction for Postgres; Kafka is only asked, never committed to
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("set default_transaction_read_only = on")
+    # read-only: a read-only session for Postgres; Kafka is only asked, never committed to
+    with session.connect(dsn, read_only=True) as conn:
         consumer = kafka_source.open_consumer(bootstrap, group)
         try:
             checks = storage_checks(conn, topic) + audit_checks(conn, topic)

@@ -12,6 +12,8 @@
 
 dbt's profile (`dbt_project/profiles.yml`) reads ORDERFLOW_PG_* variables and
 DBT_ENV_SECRET_ORDERFLOW_PG_PASSWORD; `dbt_env_from_dsn` derives them from ORDERFLOW_POSTGRES_DSN.
+Both ways of running dbt also pin its sessions to READ COMMITTED, READ WRITE through PGOPTIONS
+(`dbt_session_env`), whatever the database's defaults.
 """
 
 # No `from __future__ import annotations`: Dagster inspects the asset function's annotations.
@@ -36,6 +38,7 @@ from dagster_dbt import (
 )
 
 from orderflow_dagster import faults
+from orderflow_dagster.land.session import TRANSACTION_DEFAULTS, libpq_options, with_options
 from orderflow_dagster.settings import repo_root
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
@@ -161,10 +164,24 @@ def dbt_env_from_dsn(dsn: str) -> dict[str, str]:
     return env
 
 
+def dbt_session_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """PGOPTIONS for dbt's sessions: the incremental marts take the project's lock and then
+    read what the previous build committed, which only READ COMMITTED shows them (under a
+    REPEATABLE READ default the snapshot predates the lock's wait), and a build writes.
+    dbt-postgres 1.11's profile has no field for session settings (it builds libpq's `options`
+    only from `search_path`, which this project leaves unset), so they go through libpq's
+    PGOPTIONS, after any the user set. Statement and lock timeouts stay the DBA's: one fails a
+    build loudly, and the next build redoes it."""
+    return {
+        "PGOPTIONS": with_options(environ.get("PGOPTIONS"), libpq_options(TRANSACTION_DEFAULTS))
+    }
+
+
 def _dbt_env(dsn: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if dsn:
         env.update(dbt_env_from_dsn(dsn))
+    env.update(dbt_session_env(env))
     env.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
     env.setdefault("DBT_USE_COLORS", "false")
     return env
@@ -287,6 +304,8 @@ def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) ->
         # dagster-dbt passes this process's environment to dbt and also opens its own adapter
         # connection from the profile, so the profile's variables must be in os.environ.
         os.environ.update(dbt_env_from_dsn(dsn))
+    # also read by this process's own dbt adapter and libpq sessions: the same pins as theirs
+    os.environ.update(dbt_session_env(os.environ))
     invocation = dbt.cli(["build", *PIPELINE_EXCLUDE], context=context)
     expected = len(context.selected_output_names) + len(context.selected_asset_check_keys)
     yield from crash_halfway(invocation.stream(), expected, invocation.process.pid)
