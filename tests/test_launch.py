@@ -32,7 +32,7 @@ def test_dbt_builds_once_for_a_burst_of_landed_ranges_and_never_concurrently():
     assert dbt_build_decision(0, "0:-", None, dbt_in_progress=False) == "nothing landed yet"
     assert dbt_build_decision(5, "5:t1", None, dbt_in_progress=False) is None
     assert dbt_build_decision(5, "5:t1", "5:t1", dbt_in_progress=False) == (
-        "no range landed since the last dbt build"
+        "nothing landed or replayed since the last dbt build"
     )
     assert "in progress" in dbt_build_decision(9, "9:t2", "5:t1", dbt_in_progress=True)
     assert dbt_build_decision(9, "9:t2", "5:t1", dbt_in_progress=False) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 IN_PROGRESS = frozenset({"QUEUED", "NOT_STARTED", "MANAGED", "STARTING", "STARTED", "CANCELING"})
 
@@ -46,18 +47,36 @@ def launches(
     return out
 
 
+def raw_marker(
+    ranges: int,
+    last_landed_at: datetime | None,
+    replays: int,
+    last_replayed_at: datetime | None,
+) -> str:
+    """What has written raw so far, as the dbt sensor's cursor: the ledger's ranges and the
+    replays that landed rows (raw.replay_log), each as a count and the latest time. Changes
+    whenever either does. Without replays it is the ledger's part alone, so a deployment that
+    never replayed keeps its cursor across an upgrade (no needless build)."""
+    marker = f"{ranges}:{last_landed_at.isoformat() if last_landed_at else '-'}"
+    if replays:
+        marker += f"|replays:{replays}:{last_replayed_at.isoformat() if last_replayed_at else '-'}"
+    return marker
+
+
 def dbt_build_decision(
     ledger_ranges: int, ledger_marker: str, cursor: str | None, dbt_in_progress: bool
 ) -> str | None:
     """None: request a dbt build now; otherwise why not.
 
-    One build covers every range landed since the previous one, so a burst of ranges costs one
-    build, not one per range; none starts while one runs (incremental models must not race).
+    `ledger_ranges` counts the ledger's ranges and the replays that landed rows, `ledger_marker`
+    is their `raw_marker`. One build covers everything landed since the previous one, so a
+    burst of ranges costs one build, not one per range; none starts while one runs (incremental
+    models must not race).
     """
     if ledger_ranges == 0:
         return "nothing landed yet"
     if ledger_marker == (cursor or ""):
-        return "no range landed since the last dbt build"
+        return "nothing landed or replayed since the last dbt build"
     if dbt_in_progress:
         return "a dbt build is in progress; new ranges will be modelled by the next one"
     return None

@@ -17,7 +17,13 @@ from dagster import (
 )
 
 from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
-from orderflow_dagster.defs.launch import IN_PROGRESS, RunInfo, dbt_build_decision, launches
+from orderflow_dagster.defs.launch import (
+    IN_PROGRESS,
+    RunInfo,
+    dbt_build_decision,
+    launches,
+    raw_marker,
+)
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
 from orderflow_dagster.land.landing import repair_kafka_commits
 from orderflow_dagster.land.planner import plan_ranges
@@ -95,25 +101,29 @@ dbt_job = define_asset_job(
     job=dbt_job,
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Runs the dbt models after new offset ranges land: one build for every burst of "
-    "landed ranges, never two at once.",
+    description="Runs the dbt models after new offset ranges land or dead letters are replayed: "
+    "one build for every burst, never two at once.",
 )
 def dbt_after_landing_sensor(
     context: SensorEvaluationContext, postgres: PostgresResource
 ) -> RunRequest | SkipReason:
     with postgres.connect() as conn:
-        count, last = conn.execute(
-            "select count(*), max(landed_at) from raw.ingest_ledger"
+        ranges, last_landed, replays, last_replayed = conn.execute(
+            "select (select count(*) from raw.ingest_ledger),"
+            " (select max(landed_at) from raw.ingest_ledger),"
+            " count(*), max(replayed_at) from raw.replay_log where rows_replayed > 0"
         ).fetchone()
-    marker = f"{count}:{last.isoformat() if last else '-'}"
+    marker = raw_marker(ranges, last_landed, replays, last_replayed)
     running = context.instance.get_run_records(
         filters=RunsFilter(
             job_name=dbt_job.name, statuses=[DagsterRunStatus(s) for s in IN_PROGRESS]
         ),
         limit=1,
     )
-    reason = dbt_build_decision(count, marker, context.cursor, dbt_in_progress=bool(running))
+    reason = dbt_build_decision(
+        ranges + replays, marker, context.cursor, dbt_in_progress=bool(running)
+    )
     if reason is not None:
-        return SkipReason(f"{reason} ({count} ranges in the ledger)")
+        return SkipReason(f"{reason} ({ranges} ranges in the ledger, {replays} replays)")
     context.update_cursor(marker)
     return RunRequest(run_key=f"dbt|{marker}")

@@ -3,7 +3,11 @@
 Replay re-validates the stored bytes with today's parser and registry. A record that now passes
 is inserted into raw.order_events under its original coordinates, so replaying twice lands it
 once (the primary key is the coordinates), and the dead letter is marked `replayed_at`; the audit
-log gets a `replayed` row. A record that still fails stays a dead letter.
+log gets a `replayed` row. A record that still fails stays a dead letter. Each replay also writes
+one raw.replay_log row in its transaction: what the dbt sensor sees to build after a replay, as
+the ledger (which a replay does not touch: its ranges stay contiguous) tells it after a landing.
+The size limit is ORDERFLOW_MAX_MESSAGE_BYTES, as for landing, so a letter dead-lettered as
+oversize lands once the limit is raised.
 """
 
 from __future__ import annotations
@@ -132,6 +136,11 @@ def replay(
                 (t, p, o, event.event_id, run_id, "dlq-replay", event.trace_id),
             )
             report.replayed.append(coords)
+        cur.execute(
+            "insert into raw.replay_log (topic, run_id, rows_replayed, still_invalid)"
+            " values (%s, %s, %s, %s)",
+            (topic, run_id, len(report.replayed), len(report.still_invalid)),
+        )
     return report
 
 
@@ -172,7 +181,15 @@ def _run(args: argparse.Namespace) -> int:
         if not (args.reason or args.coordinates or args.all):
             print("dlq replay needs --reason, coordinates or --all", file=sys.stderr)
             return 2
-        report = replay(conn, topic=topic, reason=args.reason, coordinates=args.coordinates)
+        report = replay(
+            conn,
+            topic=topic,
+            reason=args.reason,
+            coordinates=args.coordinates,
+            max_message_bytes=settings.env_int(
+                "ORDERFLOW_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
+            ),
+        )
         print(f"replayed {len(report.replayed)}; still invalid {len(report.still_invalid)}")
         for coords, reason, detail in report.still_invalid[: args.limit]:
             print(f"  {':'.join(map(str, coords))}  {reason}: {detail}")

@@ -261,3 +261,17 @@ $$;
 create or replace trigger ingest_log_append_only
     before update or delete or truncate on audit.ingest_log
     for each statement execute function audit.refuse_change();
+
+-- Dead-letter replays. A replay lands rows outside any ledger range (the ledger's ranges stay
+-- contiguous and disjoint), so the ledger alone cannot tell the dbt sensor that raw changed: one
+-- row per replay transaction, written in it, does. xact_id as in raw.ingest_ledger, for readers
+-- that follow commit order.
+create table if not exists raw.replay_log (
+    replay_id        bigint      generated always as identity primary key,
+    topic            text        not null,
+    run_id           text        not null,
+    rows_replayed    integer     not null,
+    still_invalid    integer     not null,
+    replayed_at      timestamptz not null default now(),
+    xact_id          xid8        not null default pg_current_xact_id()
+);
