@@ -9,6 +9,7 @@ cluster sets them instead.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -85,9 +86,133 @@ def require(name: str, env: Mapping[str, str] | None = None) -> str:
     return value
 
 
-def redact_dsn(dsn: str) -> str:
-    """A DSN safe to print: the password, if any, replaced."""
-    import re
+# what replaces a password, whatever its length
+MASK = "***"
+_URL = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+# password=, sslpassword=, PGPASSWORD= ...: anything ending in "password", in any case
+_SECRET_KEYWORD = re.compile(r"(?<![\w.-])[\w.-]*password\s*=\s*", re.IGNORECASE)
+_NEXT_KEYWORD = re.compile(r"\s+[A-Za-z_][\w.-]*\s*=")
 
-    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password=)\S+", r"\1***", dsn)
+
+def redact_dsn(text: str) -> str:
+    """A DSN, or text holding DSNs (an error message, say), safe to print: every password
+    replaced by `***`, whatever it holds.
+
+    - A whole key=value DSN is parsed as libpq parses it (`psycopg.conninfo`: quoted values,
+      backslash escapes, several hosts) and written out again with the secrets masked.
+    - A URL (`postgresql://user:password@host1,host2/db?sslpassword=...`) loses the password of
+      its user info and every query parameter whose %-decoded name ends in "password". Where a
+      URL is sloppy (an unencoded `@` or `/` in the password), everything between the user's
+      `:` and the last `@` goes, so nothing of the password can remain.
+    - In other text, a URL ends at whitespace, and `...password=value` loses the value, quoted
+      or not; an unquoted value that a space ends too early for libpq runs, here, to the next
+      `name=` or the end, so no part of a password given unquoted survives either.
+    """
+    stripped = text.strip()
+    if _URL.match(stripped) and not any(c.isspace() for c in stripped):
+        return _mask(stripped, _url_secrets(stripped, 0, len(stripped)))
+    whole = _redact_conninfo(stripped)
+    return whole if whole is not None else _redact_text(text)
+
+
+def _redact_conninfo(dsn: str) -> str | None:
+    """The key=value DSN with its secrets masked; None if `dsn` is not one or holds none."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    if "=" not in dsn:
+        return None
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:  # not a DSN libpq accepts: treat it as text
+        return None
+    secrets = [name for name in params if name.lower().endswith("password")]
+    if not secrets:
+        return None
+    masked = {**params, **dict.fromkeys(secrets, MASK)}
+    # the DSN as written, when masking it in place gives what libpq reads with the secrets
+    # masked; libpq's reading written out otherwise
+    in_place = _redact_text(dsn)
+    try:
+        if conninfo_to_dict(in_place) == masked:
+            return in_place
+    except Exception:  # masking broke the quoting: write it out instead
+        pass
+    return make_conninfo("", **masked)
+
+
+def _url_secrets(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Spans of text[start:end], a postgres URL, that may hold a password."""
+    from urllib.parse import unquote
+
+    spans = []
+    authority = _URL.match(text, start).end()
+    colon = text.find(":", authority, end)
+    # libpq ends the user info at the first "@" before any "/"; a sloppy URL may have more
+    first_at = text.find("@", authority, end)
+    slash = text.find("/", authority, end)
+    libpq_info_end = first_at if first_at != -1 and (slash == -1 or first_at < slash) else -1
+    last_at = text.rfind("@", authority, end)
+    if colon != -1 and last_at != -1 and colon < last_at:
+        spans.append((colon + 1, last_at))
+    query = text.find("?", libpq_info_end + 1 if libpq_info_end != -1 else authority, end)
+    if query != -1:
+        position = query + 1
+        while position <= end:
+            amp = text.find("&", position, end)
+            stop = end if amp == -1 else amp
+            name, equals, _ = text[position:stop].partition("=")
+            if equals and unquote(name).lower().endswith("password"):
+                spans.append((position + len(name) + 1, stop))
+            position = stop + 1
+    return spans
+
+
+def _redact_text(text: str) -> str:
+    spans: list[tuple[int, int]] = []
+    urls = []
+    for match in _URL.finditer(text):
+        end = match.start()
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        urls.append((match.start(), end))
+        spans += _url_secrets(text, match.start(), end)
+    for match in _SECRET_KEYWORD.finditer(text):
+        if any(s <= match.start() < e for s, e in urls):
+            continue  # a URL's query parameter, handled above
+        spans.append((match.end(), _value_end(text, match.end())))
+    return _mask(text, spans)
+
+
+def _value_end(text: str, start: int) -> int:
+    """Where the conninfo value starting at `start` ends (see redact_dsn for unquoted ones)."""
+    position = start
+    if text.startswith("'", position):
+        position += 1
+        while position < len(text) and text[position] != "'":
+            position += 2 if text[position] == "\\" else 1
+        return min(position + 1, len(text))
+    while position < len(text):
+        if text[position] == "\\":
+            position += 2
+        elif text[position].isspace():
+            if _NEXT_KEYWORD.match(text, position) or not text[position:].strip():
+                return position
+            position += 1
+        else:
+            position += 1
+    return len(text)
+
+
+def _mask(text: str, spans: list[tuple[int, int]]) -> str:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    out, done = [], 0
+    for start, end in merged:
+        out += [text[done:start], MASK]
+        done = end
+    out.append(text[done:])
+    return "".join(out)
