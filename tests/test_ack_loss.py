@@ -4,6 +4,8 @@ real broker and Postgres: only offsets Kafka no longer has, the rest of the rang
 from __future__ import annotations
 
 import argparse
+import shlex
+import time
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -19,6 +21,7 @@ from orderflow_dagster.land.ranges import Coverage, OffsetRange, merge_intervals
 from orderflow_dagster.serve.ack_loss import AckRefusedError, acknowledge, losses, parse_spec
 from orderflow_dagster.serve.verify import loss_checks, storage_checks
 from tests.support import invariants, produce_orders
+from tests.test_catch_up import cli
 from tests.test_landing import connections
 
 TOPIC = "t"
@@ -205,3 +208,83 @@ def test_offsets_kafka_still_has_are_never_acknowledged(kafka_bootstrap, postgre
             conn, consumer, topic, {victim.partition: victim.start + 2}, "r", dry_run=False
         )
     assert [(x.start, x.end) for x in found] == [(victim.start, victim.start + 2)]
+
+
+@pytest.mark.faults
+def test_an_offset_reset_override_during_retention_is_refused_and_the_loss_acknowledged(
+    cli_env, topic, fault_report
+):
+    """Retention deletes the head of a planned range; an operator tries
+    ORDERFLOW_KAFKA_CONFIG_AUTO_OFFSET_RESET=earliest to get past it. The override is refused,
+    the landing fails loudly, `orderflow ack-loss` records exactly the deleted offsets, catch-up
+    lands the rest and verify lists the acknowledged loss: nothing is lost silently."""
+    env = cli_env(group=f"ack-loss-{topic}", max_events_per_batch=100)
+    bootstrap, dsn = env["ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"], env["ORDERFLOW_POSTGRES_DSN"]
+    group = env["ORDERFLOW_CONSUMER_GROUP"]
+    produced = produce_orders(bootstrap, topic, 60)
+    cli("catch-up", "--no-dbt", env=env)
+    produced += produce_orders(bootstrap, topic, 60, seed=2)
+    with connections(bootstrap, dsn, group) as (conn, consumer):
+        plan = plan_ranges(conn, consumer, topic, max_events_per_batch=100, max_inflight=1)
+        victim = next(r for r in plan.unlanded if r.partition == 0)
+    assert victim.size > 3
+    deleted = list(range(victim.start, victim.start + 3))
+    delete_records(bootstrap, topic, 0, victim.start + 3)
+
+    overridden = cli(
+        "catch-up",
+        "--no-dbt",
+        env={**env, "ORDERFLOW_KAFKA_CONFIG_AUTO_OFFSET_RESET": "earliest"},
+        check=False,
+    )
+    stuck = cli("catch-up", "--no-dbt", env=env, check=False)
+    started = time.monotonic()
+    reason = "INC-7: retention outran the pipeline"
+    looked = cli("ack-loss", "--reason", reason, env=env, check=False)
+    confirm = shlex.split(looked.stdout.strip().splitlines()[-1]) if looked.stdout else []
+    recorded = (
+        cli(*confirm[1:], env=env, check=False)
+        if confirm[:2] == ["orderflow", "ack-loss"]
+        else None
+    )
+    caught_up = cli("catch-up", "--no-dbt", env=env, check=False)
+    verified = cli("verify", env=env, check=False)
+    with connections(bootstrap, dsn, group) as (conn, consumer):
+        inv = invariants(conn, consumer, topic, len(produced))
+        acknowledged = [
+            o
+            for (o,) in conn.execute(
+                "select kafka_offset from audit.ingest_log where topic = %s"
+                " and kafka_partition = 0 and outcome = 'lost' order by 1",
+                (topic,),
+            )
+        ]
+    fault_report.record(
+        "15. consumer override with retention",
+        messages=len(produced),
+        # acknowledged offsets are a recorded loss, not a silent one
+        lost=inv.lost - len(acknowledged),
+        duplicated=inv.duplicated,
+        recovery_s=time.monotonic() - started,
+    )
+    assert overridden.returncode == 2, overridden.stdout + overridden.stderr
+    assert "ORDERFLOW_KAFKA_CONFIG_AUTO_OFFSET_RESET" in overridden.stderr
+    assert "auto.offset.reset=error" in overridden.stderr
+    assert stuck.returncode == 1 and "no longer in Kafka" in stuck.stdout + stuck.stderr
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    assert "would acknowledge 3 offset(s)" in looked.stdout
+    assert "dry run: nothing recorded" in looked.stdout
+    assert recorded is not None and recorded.returncode == 0, looked.stdout
+    assert "acknowledged 3 offset(s)" in recorded.stdout
+    assert caught_up.returncode == 0, caught_up.stdout + caught_up.stderr
+    assert "lag:          0" in caught_up.stdout
+    assert verified.returncode == 0, verified.stdout
+    assert "ok    no range lost records silently" in verified.stdout
+    assert f"3 offset(s) acknowledged as lost: p0 [{victim.start}, {victim.start + 3})" in (
+        verified.stdout
+    )
+    assert reason in verified.stdout
+    assert acknowledged == deleted
+    assert inv.lost == len(deleted) and inv.duplicated == 0
+    assert inv.ledger_contiguous and inv.committed == inv.ledger_ends
+    assert inv.audit_mismatches == 0 and inv.landed_twice == 0
