@@ -2,7 +2,8 @@
 
 Each command lives beside the code it drives and registers itself here, so this file only wires
 them up: `stack` (local services), `produce` (demo and benchmark streams), `catch-up` (plan, land
-and model until the lag is zero).
+and model until the lag is zero), `dlq` (dead letters), `verify` (the invariants) and `ack-loss`
+(record offsets retention deleted before they landed).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from orderflow_dagster.ingest.kafka_config import UnsafeKafkaConfigError
+
 # module -> it defines `register(subparsers)`; each registered parser sets `func(args) -> int`.
 COMMAND_MODULES = (
     "orderflow_dagster.stack.manager",
@@ -18,7 +21,11 @@ COMMAND_MODULES = (
     "orderflow_dagster.serve.catch_up",
     "orderflow_dagster.serve.dlq",
     "orderflow_dagster.serve.verify",
+    "orderflow_dagster.serve.ack_loss",
 )
+
+# exit status when the Kafka configuration in the environment would weaken exactly-once
+EXIT_UNSAFE_CONFIG = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UnsafeKafkaConfigError as exc:
+        print(f"orderflow {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNSAFE_CONFIG
 
 
 if __name__ == "__main__":

@@ -1,13 +1,24 @@
-"""librdkafka config builders: safe defaults, passthrough, and refusing unsafe overrides."""
+"""librdkafka config builders: safe defaults, passthrough, and refusing unsafe overrides in
+every spelling librdkafka takes."""
 
 from __future__ import annotations
+
+import os
+import re
+from unittest import mock
 
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
+from hypothesis import assume, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 
+from orderflow_dagster import settings
 from orderflow_dagster.ingest.kafka_config import (
+    UnsafeKafkaConfigError,
     admin_config,
+    canonical_name,
     consumer_config,
     default_partition,
     producer_config,
@@ -70,36 +81,210 @@ def test_passthrough_overrides_ordinary_defaults() -> None:
 
 
 def test_explicit_arguments_win_over_passthrough() -> None:
-    config = consumer_config(BOOTSTRAP, "mine", extra={"group.id": "x", "bootstrap.servers": "y"})
+    config = consumer_config(BOOTSTRAP, "mine", extra={"bootstrap.servers": "y"})
     assert (config["bootstrap.servers"], config["group.id"]) == (BOOTSTRAP, "mine")
 
 
-@pytest.mark.parametrize("value", ["true", "True", "1", True])
-def test_consumer_refuses_auto_commit(value: object) -> None:
-    with pytest.raises(ValueError, match=r"enable\.auto\.commit"):
-        consumer_config(BOOTSTRAP, "g", extra={"enable.auto.commit": value})
+# What exactly-once depends on, as this test states it (independently of the module's tables):
+# property -> (every spelling librdkafka takes for it, values that weaken the guarantee, values
+# that restate what orderflow needs)
+CONSUMER_GUARDED = {
+    "enable.auto.commit": (
+        ["enable.auto.commit", "auto.commit.enable"],
+        ["true", "t", "1", True, 1],
+        ["false", "F", "0", False, 0],
+    ),
+    "enable.auto.offset.store": (["enable.auto.offset.store"], ["true", True, "1"], ["false"]),
+    "auto.offset.reset": (
+        ["auto.offset.reset"],
+        ["earliest", "smallest", "beginning", "latest", "largest", "end", "none", ""],
+        ["error", "ERROR"],
+    ),
+    "isolation.level": (
+        ["isolation.level"],
+        ["read_uncommitted", "garbage"],
+        ["read_committed", "READ_COMMITTED"],
+    ),
+    "enable.partition.eof": (["enable.partition.eof"], ["false", "0", False], ["true", True]),
+    "offset.store.method": (["offset.store.method"], ["file", "none"], ["broker"]),
+    "group.id": (["group.id"], ["other", "g", ""], []),
+    "group.instance.id": (["group.instance.id"], ["pod-1", ""], []),
+    "allow.auto.create.topics": (["allow.auto.create.topics"], ["true", True], ["false"]),
+    "api.version.request": (["api.version.request"], ["false", False], ["true"]),
+    "api.version.fallback.ms": (["api.version.fallback.ms"], ["1", 600000], ["0", 0]),
+    "broker.version.fallback": (
+        ["broker.version.fallback"],
+        ["0.9.0", "0.8.2", "nonsense"],
+        ["0.10.0", "2.8.1"],
+    ),
+}
+PRODUCER_GUARDED = {
+    "enable.idempotence": (["enable.idempotence"], ["false", "0", False], ["true", True]),
+    "acks": (["acks", "request.required.acks"], ["1", "0", 1, 0, "leader"], ["all", "-1", -1]),
+    "max.in.flight.requests.per.connection": (
+        ["max.in.flight.requests.per.connection", "max.in.flight"],
+        ["6", 1000000, "0", "many"],
+        ["1", 5],
+    ),
+    "retries": (["retries", "message.send.max.retries"], ["0", 0, "-1"], ["3", 2147483647]),
+    "queuing.strategy": (["queuing.strategy"], ["lifo"], ["fifo", "FIFO"]),
+    "api.version.request": (["api.version.request"], ["false"], ["true"]),
+}
 
 
-@pytest.mark.parametrize("value", ["read_uncommitted", "garbage"])
-def test_consumer_refuses_read_uncommitted(value: str) -> None:
-    with pytest.raises(ValueError, match=r"isolation\.level"):
-        consumer_config(BOOTSTRAP, "g", extra={"isolation.level": value})
+@st.composite
+def spelling(draw: st.DrawFn, names: list[str]) -> str:
+    """A name librdkafka (or the environment passthrough) may see for one of `names`: any case,
+    `_` for any `.`, with or without the `topic.` prefix of topic-level properties."""
+    name = draw(st.sampled_from(names))
+    if draw(st.booleans()):
+        name = "topic." + name
+    name = "".join(draw(st.sampled_from(["_", "."])) if c == "." else c for c in name)
+    return "".join(c.upper() if draw(st.booleans()) else c.lower() for c in name)
 
 
-@pytest.mark.parametrize("value", ["false", "0", False])
-def test_producer_refuses_disabling_idempotence(value: object) -> None:
-    with pytest.raises(ValueError, match=r"enable\.idempotence"):
-        producer_config(BOOTSTRAP, extra={"enable.idempotence": value})
+@st.composite
+def spelled_value(draw: st.DrawFn, values: list[object]) -> object:
+    value = draw(st.sampled_from(values))
+    if isinstance(value, str):
+        value = "".join(c.upper() if draw(st.booleans()) else c for c in value)
+        value = draw(st.sampled_from(["", " "])) + value + draw(st.sampled_from(["", " "]))
+    return value
 
 
-def test_restating_a_safe_value_is_allowed_and_kept_canonical() -> None:
-    consumer = consumer_config(
-        BOOTSTRAP, "g", extra={"enable.auto.commit": "FALSE", "isolation.level": "read_committed"}
-    )
-    producer = producer_config(BOOTSTRAP, extra={"enable.idempotence": "true"})
-    assert consumer["enable.auto.commit"] is False
-    assert consumer["isolation.level"] == "read_committed"
-    assert producer["enable.idempotence"] is True
+def _override(draw: st.DrawFn, guarded: dict, which: int) -> tuple[str, str, object]:
+    canonical = draw(st.sampled_from(sorted(guarded)))
+    names, unsafe, safe = guarded[canonical]
+    values = (unsafe, safe)[which]
+    assume(values)
+    return canonical, draw(spelling(names)), draw(spelled_value(values))
+
+
+@st.composite
+def unsafe_override(draw: st.DrawFn, guarded: dict) -> tuple[str, str, object]:
+    return _override(draw, guarded, 0)
+
+
+@st.composite
+def safe_override(draw: st.DrawFn, guarded: dict) -> tuple[str, str, object]:
+    return _override(draw, guarded, 1)
+
+
+def _delivered(how: str, name: str, value: object) -> dict[str, object] | None:
+    """`extra` for the config builders, or None after putting the override in the environment
+    (where only text exists, as ORDERFLOW_KAFKA_CONFIG_<NAME>)."""
+    if how == "nested":
+        return {"default.topic.config": {name: value}}
+    if how == "env":
+        env_name = settings.KAFKA_PASSTHROUGH_PREFIX + name.replace(".", "_")
+        os.environ[env_name] = str(value).lower() if isinstance(value, bool) else str(value)
+        return None
+    return {name: value}
+
+
+@given(override=unsafe_override(CONSUMER_GUARDED), how=st.sampled_from(["top", "nested", "env"]))
+@settings_(max_examples=300)
+def test_the_consumer_refuses_every_spelling_of_an_unsafe_override(override, how) -> None:
+    canonical, name, value = override
+    with mock.patch.dict(os.environ, clear=False):
+        extra = _delivered(how, name, value)
+        with pytest.raises(UnsafeKafkaConfigError, match=re.escape(canonical)):
+            consumer_config(BOOTSTRAP, "g", extra=extra)
+
+
+@given(override=unsafe_override(PRODUCER_GUARDED), how=st.sampled_from(["top", "nested", "env"]))
+@settings_(max_examples=200)
+def test_the_producer_refuses_every_spelling_of_an_unsafe_override(override, how) -> None:
+    canonical, name, value = override
+    with mock.patch.dict(os.environ, clear=False):
+        extra = _delivered(how, name, value)
+        with pytest.raises(UnsafeKafkaConfigError, match=re.escape(canonical)):
+            producer_config(BOOTSTRAP, extra=extra)
+
+
+@given(overrides=st.lists(safe_override(CONSUMER_GUARDED), max_size=6))
+@settings_(max_examples=100)
+def test_restating_safe_consumer_values_in_any_spelling_keeps_the_canonical_ones(overrides):
+    config = consumer_config(BOOTSTRAP, "g", extra={name: value for _, name, value in overrides})
+    assert config["enable.auto.commit"] is False
+    assert config["enable.auto.offset.store"] is False
+    assert config["auto.offset.reset"] == "error"
+    assert config["isolation.level"] == "read_committed"
+    assert config["enable.partition.eof"] is True
+    assert config["group.id"] == "g"
+    # no second spelling of a pinned property is left for librdkafka to apply after ours
+    pinned = {"enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset"}
+    pinned |= {"isolation.level", "enable.partition.eof"}
+    assert [k for k in config if canonical_name(k) in pinned] == [k for k in config if k in pinned]
+
+
+@given(overrides=st.lists(safe_override(PRODUCER_GUARDED), max_size=4))
+@settings_(max_examples=100)
+def test_restating_safe_producer_values_in_any_spelling_is_allowed(overrides):
+    config = producer_config(BOOTSTRAP, extra={name: value for _, name, value in overrides})
+    assert config["enable.idempotence"] is True
+    assert config["acks"] == "all"
+
+
+# properties that change neither what offsets mean nor what a read returns
+UNGUARDED = [
+    "security.protocol",
+    "sasl.mechanisms",
+    "client.id",
+    "client.rack",
+    "check.crcs",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "session.timeout.ms",
+    "auto.commit.interval.ms",
+    "enable.gapless.guarantee",
+    "linger.ms",
+]
+
+
+@given(
+    name=st.sampled_from(UNGUARDED),
+    value=st.one_of(st.text(max_size=20), st.integers(), st.booleans()),
+)
+def test_properties_outside_the_guarantee_pass_through_unchanged(name, value) -> None:
+    assert consumer_config(BOOTSTRAP, "g", extra={name: value})[name] == value
+    assert producer_config(BOOTSTRAP, extra={name: value})[name] == value
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("topic.auto.offset.reset", "earliest"),
+        ("auto.offset.reset", "SMALLEST"),
+        ("auto.commit.enable", "true"),
+        ("topic.enable.auto.commit", "true"),
+        ("topic.offset.store.method", "file"),
+        ("isolation.level", "READ_UNCOMMITTED"),
+        ("enable.partition.eof", "F"),
+        ("group.instance.id", "pod-1"),
+        ("allow.auto.create.topics", "true"),
+        ("api.version.request", "false"),
+        ("broker.version.fallback", "0.9.0"),
+    ],
+)
+def test_each_refused_consumer_spelling_is_one_the_installed_client_would_apply(name, value):
+    # the guard is not moot: librdkafka takes this spelling as it stands
+    Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": "g", name: value}).close()
+    with pytest.raises(UnsafeKafkaConfigError):
+        consumer_config(BOOTSTRAP, "g", extra={name: value})
+
+
+def test_a_default_topic_config_that_is_not_a_mapping_is_refused_clearly() -> None:
+    with pytest.raises(UnsafeKafkaConfigError, match="top level"):
+        consumer_config(BOOTSTRAP, "g", extra={"default.topic.config": "auto.offset.reset=x"})
+
+
+def test_the_refusal_names_the_environment_variable_to_remove(monkeypatch) -> None:
+    monkeypatch.setenv("ORDERFLOW_KAFKA_CONFIG_AUTO_OFFSET_RESET", "earliest")
+    with pytest.raises(UnsafeKafkaConfigError) as refused:
+        consumer_config(BOOTSTRAP, "g")
+    assert "ORDERFLOW_KAFKA_CONFIG_AUTO_OFFSET_RESET" in str(refused.value)
+    assert "auto.offset.reset=error" in str(refused.value)
 
 
 def test_default_partition_matches_the_java_partitioner() -> None:

@@ -56,6 +56,12 @@ def watermarks(
     return out
 
 
+def log_start_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 10.0) -> int:
+    """The oldest offset the partition's log still holds, asked of the broker now: retention and
+    DeleteRecords move it forward, deleting every record below it."""
+    return watermarks(consumer, topic, [partition], timeout)[partition][0]
+
+
 def committed(
     consumer: Consumer, topic: str, parts: list[int], timeout: float = 10.0
 ) -> dict[int, int | None]:

@@ -224,14 +224,15 @@ def _land_range(
     with conn.transaction():
         store.lock_partition_for_landing(conn, rng.topic, rng.partition)
         spans = store.landed_spans(conn, rng.topic, rng.partition)
-        if (rng.start, rng.end) in spans:
-            already, gaps = rng.size, []
-        else:
-            gaps = uncovered(rng.start, rng.end, spans)
-            already = rng.size - sum(e - s for s, e in gaps)
+        gaps = [] if (rng.start, rng.end) in spans else uncovered(rng.start, rng.end, spans)
+        already = rng.size - sum(e - s for s, e in gaps)
+        if gaps:
+            # before the first fetch: an offset below it that does not land was deleted before
+            # it could be read, one above it was read through (a marker); see verify
+            log_start = kafka_source.log_start_offset(consumer, rng.topic, rng.partition)
             snapshot = store.classification_snapshot(conn)
             crash_point("before_copy")
-            messages, rows, dead = _stream_gaps(
+            counts = _stream_gaps(
                 cur_conn=conn,
                 consumer=consumer,
                 rng=rng,
@@ -242,18 +243,25 @@ def _land_range(
                 idle_timeout=idle_timeout,
             )
             store.settle_landing(conn, rng, gaps, run_id, snapshot)
-            store.record_landing(
-                conn,
-                store.LedgerEntry(
-                    rng,
-                    messages,
-                    rows,
-                    dead,
-                    already,
-                    run_id,
-                    int((time.monotonic() - started) * 1000),
-                ),
-            )
+            duration_ms = int((time.monotonic() - started) * 1000)
+            # a row per gap, so the ledger never overlaps itself where part of the range was
+            # covered before (an acknowledged loss); usually the one gap is the whole range
+            for gap, (gap_messages, gap_rows, gap_dead) in zip(gaps, counts, strict=True):
+                store.record_landing(
+                    conn,
+                    store.LedgerEntry(
+                        rng,
+                        gap_messages,
+                        gap_rows,
+                        gap_dead,
+                        0,
+                        run_id,
+                        duration_ms,
+                        span=None if gap == (rng.start, rng.end) else gap,
+                        log_start_offset=log_start,
+                    ),
+                )
+            messages, rows, dead = map(sum, zip(*counts, strict=True))
             crash_point("after_copy_before_commit")
     crash_point("after_db_commit_before_kafka_commit")
     committed = repair_kafka_commit(conn, consumer, rng.topic, rng.partition)
@@ -283,7 +291,7 @@ def _stream_gaps(
     max_message_bytes: int,
     chunk_rows: int,
     idle_timeout: float,
-) -> tuple[int, int, int]:
+) -> list[tuple[int, int, int]]:
     """COPY the records of `gaps` in one streaming COPY per gap, so that Postgres ingests one
     chunk while Python parses the next (a COPY statement per chunk would make them take turns),
     then write the gap's audit rows. (Running the audit per chunk, from a helper thread, while
@@ -291,12 +299,15 @@ def _stream_gaps(
 
     Dead letters cannot share the stream; they are buffered and written between COPYs, the
     stream being closed and reopened whenever the buffer reaches `chunk_rows`, so memory stays
-    bounded even for a range of nothing but poison. Returns (messages, rows, dead letters).
+    bounded even for a range of nothing but poison. Returns (messages, rows, dead letters) per
+    gap.
     """
     messages = dead = 0
+    counts: list[tuple[int, int, int]] = []
     batch = _Batch(rng, run_id, max_message_bytes)
     with cur_conn.cursor() as cur:
         for start, end in gaps:
+            before = (messages, batch.rows, dead)
             # after the classification snapshot and before this gap's rows (see audit.log_landing)
             batch.start_gap(store.greatest_event_id(cur_conn))
             spans = kafka_source.read_span(
@@ -329,7 +340,8 @@ def _stream_gaps(
                 "max_landed": batch.max_landed if batch.gap_mostly_above() else None,
             }
             cur.execute(AUDIT_FROM_LANDING, window)
-    return messages, batch.rows, dead
+            counts.append((messages - before[0], batch.rows - before[1], dead - before[2]))
+    return counts
 
 
 # see audit.log_landing in sql/schema.sql

@@ -7,6 +7,7 @@ Dagster partition and the same run key, and sorting keys sorts ranges.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,18 @@ def merge_intervals(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
+
+
+class Coverage:
+    """The union of some half-open intervals, to ask whether it covers others (bisection)."""
+
+    def __init__(self, spans: Iterable[tuple[int, int]]) -> None:
+        self.merged = merge_intervals(spans)
+        self._starts = [s for s, _ in self.merged]
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self.merged[i][1] >= end
 
 
 def uncovered(start: int, end: int, covered: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from importlib import resources
 
 import psycopg
 
-from orderflow_dagster.land.ranges import OffsetRange
+from orderflow_dagster.land.ranges import Coverage, OffsetRange
 
 # Advisory-lock namespaces (the first int of the two-int form), so our locks cannot collide with
 # another application's locks on the same database.
@@ -101,11 +101,17 @@ class TopicProgress:
         return min(starts) if starts else None
 
     def unlanded(self, partition: int | None = None) -> list[OffsetRange]:
+        """Planned ranges some offset of which no ledger row covers. A range is usually landed
+        as one row of its own; after a loss was acknowledged, as that row and one of the rest."""
         parts = self.planned if partition is None else {partition: self.planned.get(partition, [])}
         out = []
         for p, ranges in parts.items():
-            done = set(self.landed.get(p, []))
-            out += [r for r in ranges if (r.start, r.end) not in done]
+            landed = self.landed.get(p, [])
+            done = set(landed)
+            pending = [r for r in ranges if (r.start, r.end) not in done]
+            if pending:
+                covered = Coverage(landed)
+                out += [r for r in pending if not covered.covers(r.start, r.end)]
         return sorted(out)
 
     def partitions(self) -> set[int]:
@@ -150,20 +156,29 @@ class LedgerEntry:
     already_landed: int
     run_id: str
     duration_ms: int
+    # the offsets the row covers, when only part of `range` (the planned range, whose key the row
+    # carries): the rest was covered before
+    span: tuple[int, int] | None = None
+    # the partition's log start offset seen before reading (see raw.ingest_ledger)
+    log_start_offset: int | None = None
+    # the operator's reason, on a row of offsets acknowledged as lost (`orderflow ack-loss`)
+    acknowledged_loss: str | None = None
 
 
 def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
     r = entry.range
+    start, end = entry.span or (r.start, r.end)
     conn.execute(
         "insert into raw.ingest_ledger (topic, kafka_partition, start_offset, end_offset,"
         " partition_key, messages_read, rows_landed, dead_letters, already_landed, run_id,"
-        " duration_ms) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " duration_ms, log_start_offset, acknowledged_loss)"
+        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " on conflict (topic, kafka_partition, start_offset, end_offset) do nothing",
         (
             r.topic,
             r.partition,
-            r.start,
-            r.end,
+            start,
+            end,
             r.key,
             entry.messages_read,
             entry.rows_landed,
@@ -171,6 +186,8 @@ def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
             entry.already_landed,
             entry.run_id,
             entry.duration_ms,
+            entry.log_start_offset,
+            entry.acknowledged_loss,
         ),
     )
 

@@ -2,14 +2,19 @@
 
 Checks, for the configured topic:
 - every stored record (raw.order_events, raw.dead_letters) lies inside a ledger range, and each
-  ledger range holds as many records as it has offsets (fewer only where Kafka itself has no
-  record at an offset: transaction markers, compaction);
+  ledger range holds every record it landed and a record at every offset below the log start
+  (low watermark) its landing saw; a missing offset at or above it held no record in Kafka
+  (a transaction marker, compaction);
+- no range lost records silently: offsets deleted by retention before they landed are
+  acknowledged losses (`orderflow ack-loss`), each sound: Kafka no longer had them, no record is
+  stored there, and each has exactly one `lost` audit row;
 - no Kafka coordinates are stored twice (as an event and as an unreplayed dead letter);
 - ledger ranges are contiguous per partition: no gap, no overlap;
 - the consumer group's committed offsets equal the ledger ends (never ahead of Postgres);
 - the audit log holds one row per stored record (landed, duplicate or replayed per event row, one
   dead_lettered per dead letter) and one `landed` row at most per event_id;
-- the marts hold no event_id twice and one order_status row per order (if dbt has run).
+- the marts hold no event_id twice and one order_status row per order (if dbt has run; both
+  marts or neither).
 Prints one line per check and exits 1 if any fails.
 """
 
@@ -47,12 +52,70 @@ def ledger_gaps(spans: dict[int, list[tuple[int, int]]]) -> dict[int, list[str]]
     return problems
 
 
+def _has_column(conn: psycopg.Connection, table: str, column: str) -> bool:
+    """Whether raw.`table` has `column`: verify reads deployments whose schema is older."""
+    return conn.execute(
+        "select exists (select 1 from information_schema.columns where table_schema = 'raw'"
+        " and table_name = %s and column_name = %s)",
+        (table, column),
+    ).fetchone()[0]
+
+
+def _ledger_holdings(conn: psycopg.Connection, unreplayed: sql.Composable) -> sql.Composed:
+    return sql.SQL(_LEDGER_HOLDINGS).format(columns=_ledger_columns(conn), unreplayed=unreplayed)
+
+
+def _ledger_columns(conn: psycopg.Connection) -> sql.Composable:
+    """The ledger's log start and acknowledgement columns, as nulls where they do not exist."""
+    log_start = sql.SQL(
+        "log_start_offset"
+        if _has_column(conn, "ingest_ledger", "log_start_offset")
+        else "null::bigint"
+    )
+    ack = sql.SQL(
+        "acknowledged_loss"
+        if _has_column(conn, "ingest_ledger", "acknowledged_loss")
+        else "null::text"
+    )
+    return sql.SQL("{} as log_start, {} as ack").format(log_start, ack)
+
+
+# Per ledger row: its offsets, the log start the landing saw (its start where unknown: nothing
+# is judged below it), and how many records it holds, in all and below that log start. Each
+# count is a range scan of a primary key.
+_LEDGER_HOLDINGS = """
+with ledger as (
+    select kafka_partition, start_offset, end_offset, rows_landed + dead_letters as accounted,
+           {columns}
+    from raw.ingest_ledger where topic = %(t)s
+),
+held as (
+    select l.*, coalesce(l.log_start, l.start_offset) as judged_from,
+           greatest(0, least(l.end_offset, coalesce(l.log_start, l.start_offset))
+                       - l.start_offset) as below,
+           h.stored, h.stored_below
+    from ledger l
+    cross join lateral (
+        select count(*) as stored,
+               count(*) filter (where x.kafka_offset < l.log_start) as stored_below
+        from (
+            select kafka_offset from raw.order_events o
+            where o.topic = %(t)s and o.kafka_partition = l.kafka_partition
+              and o.kafka_offset >= l.start_offset and o.kafka_offset < l.end_offset
+            union all
+            select kafka_offset from raw.dead_letters d
+            where d.topic = %(t)s and d.kafka_partition = l.kafka_partition
+              and d.kafka_offset >= l.start_offset and d.kafka_offset < l.end_offset
+              {unreplayed}
+        ) x
+    ) h
+)
+"""
+
+
 def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
     # a deployment whose schema predates dead-letter replay has no replayed_at column yet
-    replay_aware = conn.execute(
-        "select exists (select 1 from information_schema.columns where table_schema = 'raw'"
-        " and table_name = 'dead_letters' and column_name = 'replayed_at')"
-    ).fetchone()[0]
+    replay_aware = _has_column(conn, "dead_letters", "replayed_at")
     unreplayed = sql.SQL("and replayed_at is null" if replay_aware else "")
     query = sql.SQL(
         """
@@ -67,14 +130,23 @@ def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
             (select count(*) from stored s where not exists (
                 select 1 from ledger l where l.kafka_partition = s.kafka_partition
                 and s.kafka_offset >= l.start_offset and s.kafka_offset < l.end_offset)),
-            (select count(*) from ledger l where l.end_offset - l.start_offset > (
-                select count(*) from stored s where s.kafka_partition = l.kafka_partition
-                and s.kafka_offset >= l.start_offset and s.kafka_offset < l.end_offset)),
             (select count(*) from (select 1 from stored group by kafka_partition, kafka_offset
                 having count(*) > 1) d)
         """
     ).format(unreplayed=unreplayed)
-    outside, short, doubled = conn.execute(query, {"t": topic}).fetchone()
+    outside, doubled = conn.execute(query, {"t": topic}).fetchone()
+    holdings = _ledger_holdings(conn, unreplayed) + sql.SQL(
+        """
+        select
+            count(*) filter (where stored < accounted),
+            count(*) filter (where stored_below < below),
+            coalesce(sum(below - stored_below), 0),
+            coalesce(sum((end_offset - start_offset - below) - (stored - stored_below)), 0),
+            count(*) filter (where log_start is null)
+        from held where ack is null
+        """
+    )
+    short, lossy, lost, unheld, unjudged = conn.execute(holdings, {"t": topic}).fetchone()
     spans: dict[int, list[tuple[int, int]]] = {}
     for p, s, e in conn.execute(
         "select kafka_partition, start_offset, end_offset from raw.ingest_ledger where topic = %s",
@@ -82,13 +154,18 @@ def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
     ):
         spans.setdefault(p, []).append((int(s), int(e)))
     gaps = ledger_gaps(spans)
+    if short or lossy:
+        complete = (
+            f"{short} range(s) hold fewer records than they landed; {lossy} range(s) miss"
+            f" {lost} offset(s) below the log start their landing saw (lost to retention)"
+        )
+    else:
+        complete = f"{unheld} offset(s) Kafka had no record at (transaction markers, compaction)"
+        if unjudged:
+            complete += f"; {unjudged} range(s) landed before log starts were recorded"
     return [
         Check("records inside ledger ranges", outside == 0, f"{outside} stored outside any range"),
-        Check(
-            "ledger ranges complete",
-            True,
-            f"{short} range(s) with offsets Kafka has no record for (markers, compaction)",
-        ),
+        Check("ledger ranges complete", short == 0 and lossy == 0, complete),
         Check("no coordinates twice", doubled == 0, f"{doubled} coordinates stored twice"),
         Check(
             "ledger contiguous",
@@ -96,6 +173,94 @@ def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
             "; ".join(f"p{p}: {', '.join(v)}" for p, v in sorted(gaps.items())) or "no gap",
         ),
     ]
+
+
+@dataclass(frozen=True)
+class AcknowledgedLoss:
+    partition: int
+    start: int
+    end: int
+    reason: str
+
+
+def loss_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
+    """No range lost records silently: every offset a landed range misses below the log start
+    its landing saw is acknowledged (`orderflow ack-loss`), and every acknowledgement is sound:
+    Kafka no longer had its offsets, it holds no record, and each of its offsets has exactly
+    one `lost` audit row."""
+    unreplayed = sql.SQL(
+        "and replayed_at is null" if _has_column(conn, "dead_letters", "replayed_at") else ""
+    )
+    holdings = _ledger_holdings(conn, unreplayed) + sql.SQL(
+        """
+        select kafka_partition, start_offset, end_offset, ack,
+               ack is null and stored_below < below,
+               ack is not null and (log_start is null or log_start < end_offset or stored > 0)
+        from held
+        where (ack is null and stored_below < below) or ack is not null
+        order by kafka_partition, start_offset
+        """
+    )
+    silent: list[str] = []
+    unsound: list[str] = []
+    acknowledged: list[AcknowledgedLoss] = []
+    for p, s, e, reason, lossy, bad in conn.execute(holdings, {"t": topic}):
+        if lossy:
+            silent.append(f"p{p} [{s}, {e})")
+        elif reason is not None:
+            acknowledged.append(AcknowledgedLoss(p, int(s), int(e), reason))
+            if bad:
+                unsound.append(f"p{p} [{s}, {e})")
+    # one scan of the audit log for its `lost` rows, each matched to an acknowledged range
+    audit_ok, audited = conn.execute(
+        """
+        with lost as (
+            select kafka_partition, kafka_offset, count(*) as n from audit.ingest_log
+            where topic = %(t)s and outcome = 'lost' group by 1, 2
+        ),
+        acks as (
+            select * from unnest(%(p)s::int[], %(s)s::bigint[], %(e)s::bigint[])
+                as a(kafka_partition, start_offset, end_offset)
+        )
+        select count(*) filter (where n = 1 and exists (
+                   select 1 from acks a where a.kafka_partition = l.kafka_partition
+                   and l.kafka_offset >= a.start_offset and l.kafka_offset < a.end_offset)),
+               count(*)
+        from lost l
+        """,
+        {
+            "t": topic,
+            "p": [a.partition for a in acknowledged],
+            "s": [a.start for a in acknowledged],
+            "e": [a.end for a in acknowledged],
+        },
+    ).fetchone()
+    offsets = sum(a.end - a.start for a in acknowledged)
+    audit_sound = audit_ok == offsets == audited
+    problems = []
+    if silent:
+        problems.append(f"records lost below the log start seen at landing in {', '.join(silent)}")
+    if unsound:
+        problems.append(
+            f"acknowledged as lost though Kafka still had them, or holding records:"
+            f" {', '.join(unsound)}"
+        )
+    if not audit_sound:
+        problems.append(
+            f"{offsets} acknowledged offset(s) but {audit_ok} with exactly their one `lost`"
+            f" audit row, of {audited} audited as lost"
+        )
+    if problems:
+        detail = "; ".join(problems)
+    elif acknowledged:
+        shown = ", ".join(
+            f"p{a.partition} [{a.start}, {a.end}) ({a.reason})" for a in acknowledged[:5]
+        )
+        more = f" and {len(acknowledged) - 5} more" if len(acknowledged) > 5 else ""
+        detail = f"none; {offsets} offset(s) acknowledged as lost: {shown}{more}"
+    else:
+        detail = "none, and none acknowledged"
+    return [Check("no range lost records silently", not problems, detail)]
 
 
 def audit_counts(conn: psycopg.Connection, topic: str) -> tuple[int, int, int]:
@@ -177,8 +342,12 @@ def mart_checks(conn: psycopg.Connection, schema: str) -> list[Check]:
         "select to_regclass(%s) is not null, to_regclass(%s) is not null",
         (f"{schema}.order_events", f"{schema}.order_status"),
     ).fetchone()
-    if not all(exists):
+    if not any(exists):
         return [Check("marts", True, f"{schema}.order_events/order_status not built yet")]
+    if not all(exists):
+        # the first build stopped halfway: the marts that exist are not to be trusted either
+        missing = "order_events" if not exists[0] else "order_status"
+        return [Check("marts", False, f"{schema}.{missing} missing beside the other mart")]
     dup_events = _keys_twice(conn, schema, "order_events", "event_id")
     dup_orders = _keys_twice(conn, schema, "order_status", "order_id")
     return [
@@ -202,7 +371,9 @@ def verify(
     with session.connect(dsn, read_only=True) as conn:
         consumer = kafka_source.open_consumer(bootstrap, group)
         try:
-            checks = storage_checks(conn, topic) + audit_checks(conn, topic)
+            checks = (
+                storage_checks(conn, topic) + loss_checks(conn, topic) + audit_checks(conn, topic)
+            )
             k_checks, lag = kafka_checks(conn, consumer, topic)
             checks += k_checks + mart_checks(conn, schema)
         finally:

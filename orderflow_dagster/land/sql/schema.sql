@@ -99,10 +99,12 @@ create table if not exists audit.ingest_log (
     trace_id         text
 );
 
--- landed: the first copy of its event_id; duplicate: landed, but its event_id was landed before
+-- landed: the first copy of its event_id; duplicate: landed, but its event_id was landed before;
+-- lost: an offset Kafka deleted before it landed, acknowledged by an operator (`orderflow
+-- ack-loss`, the reason in `reason`)
 alter table audit.ingest_log drop constraint if exists ingest_log_outcome_check;
 alter table audit.ingest_log add constraint ingest_log_outcome_check
-    check (outcome in ('landed', 'duplicate', 'dead_lettered', 'replayed'));
+    check (outcome in ('landed', 'duplicate', 'dead_lettered', 'replayed', 'lost'));
 
 -- Telling a copy apart needs every event_id landed so far. An index on the events themselves is
 -- the cheapest way to know them: maintained by the COPY, no second table, no per-row ON CONFLICT.
@@ -275,3 +277,14 @@ create table if not exists raw.replay_log (
     replayed_at      timestamptz not null default now(),
     xact_id          xid8        not null default pg_current_xact_id()
 );
+
+-- Lost offsets: what Kafka's log still held when a range landed, and losses acknowledged by hand.
+-- log_start_offset: the partition's log start offset (low watermark) the landing saw before it
+-- read anything. A missing offset below it was deleted by retention before it could land (a
+-- loss); a missing offset at or above it held no record when it was read (a transaction marker,
+-- a compacted record). Null on rows landed before it was recorded.
+alter table raw.ingest_ledger add column if not exists log_start_offset bigint;
+-- acknowledged_loss: the operator's reason, on the rows `orderflow ack-loss` writes for offsets
+-- Kafka deleted before they landed. Such a row holds no record; each of its offsets has one
+-- `lost` row in audit.ingest_log, and its log_start_offset is at or past its end.
+alter table raw.ingest_ledger add column if not exists acknowledged_loss text;
