@@ -57,7 +57,9 @@ class _VU(ctypes.Structure):  # rd_kafka_vu_t
 
 
 # rd_kafka_vtype_t
-_TOPIC, _PARTITION, _VALUE, _KEY, _HEADERS = 1, 3, 4, 5, 10
+_TOPIC, _PARTITION, _VALUE, _KEY, _MSGFLAGS, _HEADERS = 1, 3, 4, 5, 7, 10
+# without it librdkafka keeps pointing at the caller's value until the record is sent
+_MSG_F_COPY = 0x2
 
 
 class RawProducer:
@@ -84,10 +86,11 @@ class RawProducer:
         partition: int = -1,  # RD_KAFKA_PARTITION_UA: the partitioner picks
     ) -> None:
         keep = []  # the buffers must outlive the call, which copies them
-        vus = (_VU * 6)()
+        vus = (_VU * 7)()
         vus[0].vtype, vus[0].u.cstr = _TOPIC, topic.encode()
         vus[1].vtype, vus[1].u.i32 = _PARTITION, partition
-        n = 2
+        vus[2].vtype, vus[2].u.i32 = _MSGFLAGS, _MSG_F_COPY
+        n = 3
         for vtype, data in ((_VALUE, value), (_KEY, key)):
             if data is not None:
                 buf = ctypes.create_string_buffer(data, len(data))

@@ -10,15 +10,17 @@ import json
 import random
 import re
 import uuid
+from pathlib import Path
 
 import orjson
 import psycopg
+import psycopg.sql
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from orderflow_dagster.ingest.producer import EventProducer
-from orderflow_dagster.land import metadata
+from orderflow_dagster.land import metadata, store
 from orderflow_dagster.land.landing import _Batch, land_range
 from orderflow_dagster.land.parse import Reason
 from orderflow_dagster.land.planner import plan_ranges
@@ -29,6 +31,8 @@ from orderflow_dagster.transform.dbt import run_dbt_build
 from tests.raw_producer import RawProducer
 from tests.support import FakeMessage, invariants
 from tests.test_landing import connections, land_all
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --- an independent statement of the W3C rule, to check the parser against ---------------------
 
@@ -231,7 +235,7 @@ def test_the_text_backslash_xff_and_the_byte_ff_are_told_apart():
     assert metadata.headers_json([("k", b"\\xff")]) != metadata.headers_json([("k", b"\xff")])
 
 
-@settings(max_examples=1000)
+@settings(max_examples=500)
 @given(traceparents())
 def test_a_trace_id_is_taken_exactly_from_a_well_formed_traceparent(value):
     trace_id, why = metadata.parse_traceparent(value)
@@ -411,6 +415,48 @@ def _assert_stored_exactly(conn: psycopg.Connection, topic: str, recs: list[dict
             assert reason is None, (reason, rec)
 
 
+def _headers_read_in_sql(
+    conn: psycopg.Connection, topic: str, *, text_names: bool = True
+) -> dict[str, list]:
+    """Every event's headers as the SQL in docs/event-contract.md reads them, by event_id."""
+    doc = (REPO / "docs" / "event-contract.md").read_text()
+    query = doc.split("A header's bytes in SQL")[1].split("```sql\n")[1].split(";\n```")[0]
+    out: dict[str, list] = {}
+    statement = psycopg.sql.SQL(
+        "select * from ({}) q where event_id in"
+        " (select event_id from raw.order_events where topic = %s) order by 1, 2"
+    ).format(psycopg.sql.SQL(query))
+    for event_id, _, name, value in conn.execute(statement, (topic,)):
+        name = bytes(name).decode() if text_names else bytes(name)
+        pair = (name, None if value is None else bytes(value))
+        out.setdefault(str(event_id), []).append(pair)
+    return out
+
+
+def test_the_documented_sql_reads_any_stored_header_back_exactly(postgres_dsn):
+    # names the client cannot deliver too (NUL, not UTF-8): another writer may store them
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        store.ensure_schema(conn)
+
+        @settings(max_examples=60, deadline=None)
+        @given(st.lists(st.tuples(st.text(), header_values), min_size=1, max_size=5))
+        def read_back(headers):
+            topic = f"sql-{uuid.uuid4().hex[:8]}"
+            row = conn.execute(
+                "insert into raw.order_events (topic, kafka_partition, kafka_offset, event_id,"
+                " aggregate_id, event_type, schema_version, event_ts_ms, payload, headers,"
+                " run_id) values (%s, 0, 0, %s, 'a', 'OrderCancelled', 1, 0, '{}', %s::jsonb,"
+                " 'r') returning event_id",
+                (topic, str(uuid.uuid4()), metadata.headers_json(headers)),
+            ).fetchone()
+            read = _headers_read_in_sql(conn, topic, text_names=False)
+            assert read == {
+                str(row[0]): [(k.encode("utf-8", "surrogatepass"), v) for k, v in headers]
+            }
+
+        read_back()
+
+
 def test_hostile_headers_and_keys_never_fail_a_range_and_are_stored_exactly(
     kafka_bootstrap, postgres_dsn, monkeypatch
 ):
@@ -446,8 +492,13 @@ def test_hostile_headers_and_keys_never_fail_a_range_and_are_stored_exactly(
             land_all(conn, consumer, topic, max_events=25)
             inv = invariants(conn, consumer, topic, len(recs))
             inv.assert_exactly_once()
-            assert inv.dead_letters == 0 and inv.raw_rows == len(recs)
+            dead = conn.execute(
+                "select reason, detail from raw.dead_letters where topic = %s", (topic,)
+            ).fetchall()
+            assert dead == [] and inv.raw_rows == len(recs)
             _assert_stored_exactly(conn, topic, recs)
+            in_sql = _headers_read_in_sql(conn, topic)
+            assert in_sql == {r["event_id"]: r["delivered"] for r in recs if r["delivered"]}
         landed.extend(recs)
 
     land_one_topic()

@@ -149,10 +149,10 @@ class _Batch:
             )
         else:
             detail = event.detail if note is None else f"{event.detail} ({note})"
+            detail = readable(detail.encode("utf-8", "surrogatepass"))
             self.dead.append(
                 f"{self.prefix}{msg.offset()}\t{copy_bytea(key)}\t{copy_bytea(msg.value())}"
-                f"\t{headers_text}\t{event.reason}\t{copy_text(readable(detail.encode()))}"
-                f"\t{kafka_ts}{self.suffix}"
+                f"\t{headers_text}\t{event.reason}\t{copy_text(detail)}\t{kafka_ts}{self.suffix}"
             )
 
     def take_events(self) -> str:
