@@ -18,13 +18,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import orjson
 import psycopg
 from confluent_kafka import Consumer, Message
 from opentelemetry.trace import SpanKind
 
 from orderflow_dagster.faults import crash_point
 from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land.metadata import (
+    HEADERS_UNREADABLE,
+    UNREADABLE_HEADERS,
+    headers_json,
+    read_headers,
+    readable,
+    split_key,
+    trace_from_headers,
+)
 from orderflow_dagster.land.parse import (
     NULL,
     Event,
@@ -38,7 +46,7 @@ from orderflow_dagster.tracing import tracer
 
 EVENT_COLUMNS = (
     "topic, kafka_partition, kafka_offset, event_id, aggregate_id, event_type, schema_version,"
-    " event_ts_ms, payload, key, headers, trace_id, kafka_ts_ms, run_id"
+    " event_ts_ms, payload, key, headers, trace_id, kafka_ts_ms, key_bytes, metadata_note, run_id"
 )
 DEAD_LETTER_COLUMNS = (
     "topic, kafka_partition, kafka_offset, key, value, headers, reason, detail, kafka_ts_ms, run_id"
@@ -74,36 +82,14 @@ class LandingResult:
         return max(0, self.high_watermark - self.committed_offset)
 
 
-def _decode_lossless(raw: bytes) -> str:
-    # invalid UTF-8 becomes \xNN escapes and NUL (which text columns refuse) becomes \x00
-    text = raw.decode("utf-8", "backslashreplace")
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
-
-
-def _headers_json(headers: list[tuple[str, bytes | None]]) -> str:
-    return orjson.dumps(
-        {k: (None if v is None else _decode_lossless(v)) for k, v in headers}
-    ).decode()
-
-
-def _trace_id(event: Event, headers: list[tuple[str, bytes | None]] | None) -> str | None:
-    """The envelope's trace_id, else the trace-id field of a W3C traceparent header."""
-    if event.trace_id is not None:
-        return event.trace_id
-    for name, value in headers or ():
-        if name == "traceparent" and value:
-            parts = value.decode("ascii", "replace").split("-")
-            if len(parts) >= 4 and len(parts[1]) == 32:
-                return parts[1]
-    return None
-
-
 class _Batch:
     """Builds COPY lines: events for the open COPY stream, dead letters buffered beside it."""
 
     def __init__(self, rng: OffsetRange, run_id: str, max_message_bytes: int) -> None:
         self.prefix = f"{copy_text(rng.topic)}\t{rng.partition}\t"
         self.suffix = f"\t{copy_text(run_id)}\n"
+        # key_bytes and metadata_note, both null in the usual case
+        self.clean_suffix = f"\t{NULL}\t{NULL}{self.suffix}"
         self.max_message_bytes = max_message_bytes
         self.events: list[str] = []
         self.dead: list[str] = []
@@ -126,32 +112,47 @@ class _Batch:
     def add(self, msg: Message) -> None:
         event = parse_event(msg.value(), max_bytes=self.max_message_bytes)
         key = msg.key()
-        headers = msg.headers()
+        try:
+            headers = read_headers(msg)  # never msg.headers(): see metadata.read_headers
+            note = None
+        except UNREADABLE_HEADERS:
+            headers, note = None, HEADERS_UNREADABLE
         ts_type, ts = msg.timestamp()
         kafka_ts = str(ts) if ts_type and ts >= 0 else NULL
-        headers_text = copy_json(_headers_json(headers)) if headers else NULL
+        headers_text = copy_json(headers_json(headers)) if headers else NULL
         if type(event) is Event:
             self.gap_rows += 1
             if event.event_id > self.max_landed:
                 self.gap_rows_above += 1
             aggregate = copy_text(event.aggregate_id)
+            key_raw = None
             if key is None:
                 key_text = NULL
             elif key == event.aggregate_id.encode():
                 key_text = aggregate  # the usual case: keyed by order
             else:
-                key_text = copy_text(_decode_lossless(key))
+                text, key_raw = split_key(key)
+                key_text = copy_text(text)
+            trace_id = event.trace_id  # the envelope's own wins
+            if trace_id is None and headers:
+                trace_id, note = trace_from_headers(headers)
+            suffix = (
+                self.clean_suffix
+                if key_raw is None and note is None
+                else f"\t{copy_bytea(key_raw)}\t{copy_text(note)}{self.suffix}"
+            )
             self.events.append(
                 f"{self.prefix}{msg.offset()}\t{event.event_id}\t{aggregate}"
                 f"\t{event.event_type}\t{event.schema_version}\t{event.timestamp_ms}"
                 f"\t{copy_json(event.payload_json)}\t{key_text}\t{headers_text}"
-                f"\t{copy_text(_trace_id(event, headers))}\t{kafka_ts}{self.suffix}"
+                f"\t{copy_text(trace_id)}\t{kafka_ts}{suffix}"
             )
         else:
-            detail = copy_text(_decode_lossless(event.detail.encode()))
+            detail = event.detail if note is None else f"{event.detail} ({note})"
+            detail = readable(detail.encode("utf-8", "surrogatepass"))
             self.dead.append(
                 f"{self.prefix}{msg.offset()}\t{copy_bytea(key)}\t{copy_bytea(msg.value())}"
-                f"\t{headers_text}\t{event.reason}\t{detail}\t{kafka_ts}{self.suffix}"
+                f"\t{headers_text}\t{event.reason}\t{copy_text(detail)}\t{kafka_ts}{self.suffix}"
             )
 
     def take_events(self) -> str:

@@ -21,8 +21,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from orderflow_dagster import settings
-from orderflow_dagster.land import session, store
-from orderflow_dagster.land.landing import DEFAULT_MAX_MESSAGE_BYTES, _decode_lossless
+from orderflow_dagster.land import metadata, session, store
+from orderflow_dagster.land.landing import DEFAULT_MAX_MESSAGE_BYTES
 from orderflow_dagster.land.parse import Event, parse_event
 
 Coordinates = tuple[str, int, int]
@@ -102,11 +102,16 @@ def replay(
             if not isinstance(event, Event):
                 report.still_invalid.append((coords, event.reason, event.detail))
                 continue
+            # key and headers as the landing stores them; headers are already in that form
+            key_text, key_bytes = (None, None) if key is None else metadata.split_key(bytes(key))
+            trace_id, note = event.trace_id, None
+            if trace_id is None:
+                trace_id, note = metadata.trace_from_headers(metadata.decode_headers(headers))
             cur.execute(
                 "insert into raw.order_events (topic, kafka_partition, kafka_offset, event_id,"
                 " aggregate_id, event_type, schema_version, event_ts_ms, payload, key, headers,"
-                " trace_id, kafka_ts_ms, run_id) values (%s, %s, %s, %s, %s, %s, %s, %s,"
-                " %s::jsonb, %s, %s, %s, %s, %s) on conflict do nothing",
+                " trace_id, kafka_ts_ms, key_bytes, metadata_note, run_id) values (%s, %s, %s, %s,"
+                " %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s) on conflict do nothing",
                 (
                     t,
                     p,
@@ -117,10 +122,12 @@ def replay(
                     event.schema_version,
                     event.timestamp_ms,
                     event.payload_json,
-                    None if key is None else _decode_lossless(bytes(key)),
+                    key_text,
                     None if headers is None else Jsonb(headers),
-                    event.trace_id,
+                    trace_id,
                     kafka_ts,
+                    key_bytes,
+                    note,
                     run_id,
                 ),
             )
@@ -131,9 +138,9 @@ def replay(
             )
             cur.execute(
                 "insert into audit.ingest_log (topic, kafka_partition, kafka_offset, event_id,"
-                " outcome, run_id, partition_key, trace_id)"
-                " values (%s, %s, %s, %s, 'replayed', %s, %s, %s)",
-                (t, p, o, event.event_id, run_id, "dlq-replay", event.trace_id),
+                " outcome, reason, run_id, partition_key, trace_id)"
+                " values (%s, %s, %s, %s, 'replayed', %s, %s, %s, %s)",
+                (t, p, o, event.event_id, note, run_id, "dlq-replay", trace_id),
             )
             report.replayed.append(coords)
         cur.execute(

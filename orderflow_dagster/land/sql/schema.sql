@@ -118,10 +118,19 @@ alter table raw.ingest_ledger add column if not exists xact_id xid8 not null
     default pg_current_xact_id();
 create index if not exists ingest_ledger_xact_id on raw.ingest_ledger (xact_id);
 
+-- Record metadata kept exactly (orderflow_dagster/land/metadata.py): key_bytes holds the key's
+-- bytes when they are not UTF-8 text without NUL (then `key` is only a readable rendering), and
+-- metadata_note says what of the record's metadata was dropped and why (a malformed
+-- traceparent, headers the Kafka client cannot read), for audit.log_landing to copy into the
+-- audit row's reason. Both are null in the usual case. Added before log_landing, which reads them.
+alter table raw.order_events add column if not exists key_bytes bytea;
+alter table raw.order_events add column if not exists metadata_note text;
+
 -- The audit rows of the records a landing wrote in [p_start, p_end), derived in the database from
 -- what it just wrote (no second stream of Python-formatted lines on the hot path). Called after
 -- each gap's COPY, in offset order. A landed row is a `duplicate` when another row has its
 -- event_id and is not this landing's own later copy: landed before, or earlier in the window.
+-- A row's reason is its metadata_note: what of its metadata was dropped, and why.
 -- p_max_landed, when given: the greatest event_id landed before the window's COPY began (read
 -- after the landing's classification snapshot; nil if none). A row whose event_id is greater,
 -- and first of its id in the window, can have no earlier copy and skips the index probe; with
@@ -161,7 +170,7 @@ select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
            ) then 'duplicate'
            else 'landed'
        end,
-       null, l.run_id, p_key, l.trace_id
+       l.metadata_note, l.run_id, p_key, l.trace_id
 from raw.order_events l
 where p_max_landed is not null
   and l.topic = p_topic and l.kafka_partition = p_partition
@@ -179,7 +188,7 @@ select l.topic, l.kafka_partition, l.kafka_offset, l.event_id,
                   or o.topic <> p_topic or o.kafka_partition <> p_partition
                   or o.run_id <> p_run_id)
        ) then 'duplicate' else 'landed' end,
-       null, l.run_id, p_key, l.trace_id
+       l.metadata_note, l.run_id, p_key, l.trace_id
 from raw.order_events l
 where p_max_landed is null
   and l.topic = p_topic and l.kafka_partition = p_partition
