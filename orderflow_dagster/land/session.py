@@ -29,7 +29,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import IsolationLevel
 
-# what every orderflow session sets, in the order given
+# the transaction defaults every orderflow session pins, dbt's included
 TRANSACTION_DEFAULTS = {
     "default_transaction_isolation": "read committed",
     "default_transaction_read_only": "off",
