@@ -103,7 +103,8 @@ def raw_order_events(
             # Retention deleted offsets before they were landed: retrying cannot bring them back.
             raise Failure(
                 description=f"offsets of {rng} are no longer in Kafka: {exc}. Those records are "
-                "lost upstream; see docs/operations.md before re-planning past them.",
+                "lost upstream; record the loss with `orderflow ack-loss` (a dry run shows what "
+                "it records) and the rest of the range lands: see docs/operations.md.",
                 allow_retries=False,
             ) from exc
     context.log.info(

@@ -6,8 +6,9 @@ The order of operations is the exactly-once argument:
 3. stream the remaining records from Kafka and COPY them in chunks (memory stays bounded), poison
    to raw.dead_letters with its reason, never failing the batch; derive the audit rows;
 4. settle against concurrent landings of other partitions (a copy of one of our events landed
-   there meanwhile means: roll back and land again), insert the ledger row and commit: rows,
-   dead letters, audit rows and ledger become visible together;
+   there meanwhile means: roll back and land again), insert the ledger row (one per gap, with
+   the log start offset Kafka reported before the read) and commit: rows, dead letters, audit
+   rows and ledger become visible together;
 5. only then commit to Kafka the end of the contiguous landed prefix (never past a gap).
 A crash anywhere before 4 leaves nothing; a crash between 4 and 5 leaves Kafka behind, which the
 next run or sensor tick repairs from the ledger (`repair_kafka_commit`).

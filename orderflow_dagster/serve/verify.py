@@ -61,10 +61,6 @@ def _has_column(conn: psycopg.Connection, table: str, column: str) -> bool:
     ).fetchone()[0]
 
 
-def _ledger_holdings(conn: psycopg.Connection, unreplayed: sql.Composable) -> sql.Composed:
-    return sql.SQL(_LEDGER_HOLDINGS).format(columns=_ledger_columns(conn), unreplayed=unreplayed)
-
-
 def _ledger_columns(conn: psycopg.Connection) -> sql.Composable:
     """The ledger's log start and acknowledgement columns, as nulls where they do not exist."""
     log_start = sql.SQL(
@@ -90,7 +86,7 @@ with ledger as (
     from raw.ingest_ledger where topic = %(t)s
 ),
 held as (
-    select l.*, coalesce(l.log_start, l.start_offset) as judged_from,
+    select l.*,
            greatest(0, least(l.end_offset, coalesce(l.log_start, l.start_offset))
                        - l.start_offset) as below,
            h.stored, h.stored_below
@@ -110,13 +106,54 @@ held as (
         ) x
     ) h
 )
+select
+    count(*) filter (where ack is null and stored < accounted),
+    count(*) filter (where ack is null and stored_below < below),
+    coalesce(sum(below - stored_below) filter (where ack is null), 0),
+    coalesce(sum((end_offset - start_offset - below) - (stored - stored_below))
+             filter (where ack is null), 0),
+    count(*) filter (where ack is null and log_start is null),
+    -- the ranges that lost records, and the acknowledged losses with whether each is unsound
+    coalesce(json_agg(json_build_array(
+                 kafka_partition, start_offset, end_offset, ack,
+                 ack is not null and (log_start is null or log_start < end_offset or stored > 0))
+             order by kafka_partition, start_offset)
+             filter (where (ack is null and stored_below < below) or ack is not null), '[]')
+from held
 """
 
 
-def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
+@dataclass(frozen=True)
+class LedgerHoldings:
+    """What the ledger's ranges hold (see _LEDGER_HOLDINGS), for the storage and loss checks."""
+
+    short: int  # landing ranges holding fewer records than they landed
+    lossy: int  # landing ranges missing offsets below the log start they saw
+    lost: int  # those offsets
+    unheld: int  # offsets at or above it with no record (markers, compaction)
+    unjudged: int  # ranges landed before log starts were recorded
+    # (partition, start, end, acknowledged reason or None, unsound acknowledgement)
+    flagged: list[tuple[int, int, int, str | None, bool]]
+
+
+def ledger_holdings(conn: psycopg.Connection, topic: str) -> LedgerHoldings:
+    query = sql.SQL(_LEDGER_HOLDINGS).format(
+        columns=_ledger_columns(conn), unreplayed=_unreplayed(conn)
+    )
+    *counts, flagged = conn.execute(query, {"t": topic}).fetchone()
+    return LedgerHoldings(*counts, flagged=[tuple(row) for row in flagged])
+
+
+def _unreplayed(conn: psycopg.Connection) -> sql.Composable:
     # a deployment whose schema predates dead-letter replay has no replayed_at column yet
     replay_aware = _has_column(conn, "dead_letters", "replayed_at")
-    unreplayed = sql.SQL("and replayed_at is null" if replay_aware else "")
+    return sql.SQL("and replayed_at is null" if replay_aware else "")
+
+
+def storage_checks(
+    conn: psycopg.Connection, topic: str, holdings: LedgerHoldings | None = None
+) -> list[Check]:
+    unreplayed = _unreplayed(conn)
     query = sql.SQL(
         """
         with stored as (
@@ -135,18 +172,8 @@ def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
         """
     ).format(unreplayed=unreplayed)
     outside, doubled = conn.execute(query, {"t": topic}).fetchone()
-    holdings = _ledger_holdings(conn, unreplayed) + sql.SQL(
-        """
-        select
-            count(*) filter (where stored < accounted),
-            count(*) filter (where stored_below < below),
-            coalesce(sum(below - stored_below), 0),
-            coalesce(sum((end_offset - start_offset - below) - (stored - stored_below)), 0),
-            count(*) filter (where log_start is null)
-        from held where ack is null
-        """
-    )
-    short, lossy, lost, unheld, unjudged = conn.execute(holdings, {"t": topic}).fetchone()
+    held = holdings or ledger_holdings(conn, topic)
+    short, lossy, lost = held.short, held.lossy, held.lost
     spans: dict[int, list[tuple[int, int]]] = {}
     for p, s, e in conn.execute(
         "select kafka_partition, start_offset, end_offset from raw.ingest_ledger where topic = %s",
@@ -160,9 +187,11 @@ def storage_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
             f" {lost} offset(s) below the log start their landing saw (lost to retention)"
         )
     else:
-        complete = f"{unheld} offset(s) Kafka had no record at (transaction markers, compaction)"
-        if unjudged:
-            complete += f"; {unjudged} range(s) landed before log starts were recorded"
+        complete = (
+            f"{held.unheld} offset(s) Kafka had no record at (transaction markers, compaction)"
+        )
+        if held.unjudged:
+            complete += f"; {held.unjudged} range(s) landed before log starts were recorded"
     return [
         Check("records inside ledger ranges", outside == 0, f"{outside} stored outside any range"),
         Check("ledger ranges complete", short == 0 and lossy == 0, complete),
@@ -183,31 +212,21 @@ class AcknowledgedLoss:
     reason: str
 
 
-def loss_checks(conn: psycopg.Connection, topic: str) -> list[Check]:
+def loss_checks(
+    conn: psycopg.Connection, topic: str, holdings: LedgerHoldings | None = None
+) -> list[Check]:
     """No range lost records silently: every offset a landed range misses below the log start
     its landing saw is acknowledged (`orderflow ack-loss`), and every acknowledgement is sound:
     Kafka no longer had its offsets, it holds no record, and each of its offsets has exactly
     one `lost` audit row."""
-    unreplayed = sql.SQL(
-        "and replayed_at is null" if _has_column(conn, "dead_letters", "replayed_at") else ""
-    )
-    holdings = _ledger_holdings(conn, unreplayed) + sql.SQL(
-        """
-        select kafka_partition, start_offset, end_offset, ack,
-               ack is null and stored_below < below,
-               ack is not null and (log_start is null or log_start < end_offset or stored > 0)
-        from held
-        where (ack is null and stored_below < below) or ack is not null
-        order by kafka_partition, start_offset
-        """
-    )
+    held = holdings or ledger_holdings(conn, topic)
     silent: list[str] = []
     unsound: list[str] = []
     acknowledged: list[AcknowledgedLoss] = []
-    for p, s, e, reason, lossy, bad in conn.execute(holdings, {"t": topic}):
-        if lossy:
+    for p, s, e, reason, bad in held.flagged:
+        if reason is None:
             silent.append(f"p{p} [{s}, {e})")
-        elif reason is not None:
+        else:
             acknowledged.append(AcknowledgedLoss(p, int(s), int(e), reason))
             if bad:
                 unsound.append(f"p{p} [{s}, {e})")
@@ -371,8 +390,11 @@ def verify(
     with session.connect(dsn, read_only=True) as conn:
         consumer = kafka_source.open_consumer(bootstrap, group)
         try:
+            held = ledger_holdings(conn, topic)
             checks = (
-                storage_checks(conn, topic) + loss_checks(conn, topic) + audit_checks(conn, topic)
+                storage_checks(conn, topic, held)
+                + loss_checks(conn, topic, held)
+                + audit_checks(conn, topic)
             )
             k_checks, lag = kafka_checks(conn, consumer, topic)
             checks += k_checks + mart_checks(conn, schema)
