@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import psycopg
 
 from orderflow_dagster import settings
-from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land import kafka_source, session, store
 from orderflow_dagster.land.landing import repair_kafka_commit
 from orderflow_dagster.land.ranges import OffsetRange, uncovered
 
@@ -251,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"ack-loss: partition {partition} named twice", file=sys.stderr)
             return 2
         until[partition] = end
-    conn = psycopg.connect(settings.require("ORDERFLOW_POSTGRES_DSN"), autocommit=True)
+    conn = session.connect(settings.require("ORDERFLOW_POSTGRES_DSN"))
     consumer = kafka_source.open_consumer(
         settings.require("ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS"), settings.consumer_group()
     )
