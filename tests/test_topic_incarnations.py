@@ -202,6 +202,7 @@ def test_ranges_of_the_old_incarnation_are_refused_and_their_offsets_reported_un
         landed = plan.unlanded[0]
         land_range(landed, conn=conn, consumer=consumer, run_id="before")
         orphan = plan.unlanded[1]
+        old_id = kafka_source.topic_id(consumer, topic)
 
     recreate(kafka_bootstrap, topic)
     again = events(12, seed=5)
@@ -235,7 +236,20 @@ def test_ranges_of_the_old_incarnation_are_refused_and_their_offsets_reported_un
         # an acknowledgement is a ledger row covering the lost offsets (its topic id is the
         # stream's own: the ledger fills it in)
         for r in lost:
-            store.record_landing(conn, store.LedgerEntry(r, 0, 0, 0, 0, "acknowledged", 0))
+            conn.execute(
+                "insert into raw.ingest_ledger (topic, kafka_partition, start_offset, end_offset,"
+                " partition_key, messages_read, rows_landed, dead_letters, already_landed,"
+                " run_id) values (%s, %s, %s, %s, %s, 0, 0, 0, 0, 'acknowledged')",
+                (r.topic, r.partition, r.start, r.end, r.key),
+            )
+        assert (
+            conn.execute(
+                "select count(*) from raw.ingest_ledger where run_id = 'acknowledged'"
+                " and topic_id is distinct from %s",
+                (old_id,),
+            ).fetchone()[0]
+            == 0
+        )
     assert orderflow("verify", env=env).returncode == 0
     assert orderflow("catch-up", "--no-dbt", env=env).returncode == 0
 

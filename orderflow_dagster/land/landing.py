@@ -281,6 +281,7 @@ def _land_range(
         [rng.partition],
         topic_id=topic_id,
         marks=None if known is None else {rng.partition: (int(known[0]), int(known[1]))},
+        stream=rng.topic,
     )[rng.partition]
     crash_point("after_kafka_commit")
     return LandingResult(
@@ -396,6 +397,7 @@ def repair_kafka_commits(
     *,
     topic_id: str | None = None,
     marks: dict[int, tuple[int, int]] | None = None,
+    stream: str | None = None,
 ) -> dict[int, int | None]:
     """Move the group's committed offsets up to the end of the landed prefix, never past a gap:
     what each tick and catch-up run does, so a process that died between the two commits is
@@ -406,12 +408,16 @@ def repair_kafka_commits(
     instead), and tagged with the topic id. A committed offset that is no position of the landed
     prefix (committed for another incarnation, or past the log end) is replaced by the ledger's.
     `topic_id` and `marks`: what the caller just read from Kafka, to save asking again.
+    `stream`: repair only if it is the current stream (else None per partition).
     """
     kafka = kafka_topic(topic)
     if topic_id is None:
         topic_id = kafka_source.topic_id(consumer, kafka)
     inc = incarnations.current(store.incarnations(conn, kafka), topic_id)
     parts = kafka_source.partitions(consumer, kafka) if partitions is None else partitions
+    if stream is not None and (inc is None or inc.stream != stream):
+        # a range of a retired stream that had landed already: its commits are history
+        return dict.fromkeys(parts)
     if inc is None:
         # planning has not registered this incarnation yet: nothing of it landed
         return kafka_source.committed(consumer, kafka, parts)
