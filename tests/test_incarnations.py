@@ -120,7 +120,7 @@ def test_only_the_stream_of_kafkas_current_incarnation_may_land():
     # re-created, and not planned since: no successor yet
     with pytest.raises(TopicRecreatedError) as unplanned:
         refuse_retired("r", "t", [first], Y)
-    assert "at the next planning" in str(unplanned.value)
+    assert "as a stream of its own" in str(unplanned.value)
     # the same incarnation, restarted by an operator as a new stream
     restarted = Incarnation(f"t@{X}", X)
     with pytest.raises(StreamRetiredError) as retired:

@@ -285,7 +285,7 @@ def test_a_log_below_the_ledger_stops_everything_until_an_operator_starts_a_new_
     assert "orderflow catch-up --new-stream" in str(stopped.value)
     failed = orderflow("catch-up", "--no-dbt", env=env, check=False)
     assert failed.returncode == EXIT_TOPIC_INCARNATION, failed.stdout + failed.stderr
-    assert "ends below what orderflow planned or landed" in failed.stderr
+    assert "ends below the ledger of stream" in failed.stderr
     assert "lag=-" not in failed.stdout + failed.stderr
     bad = orderflow("verify", env=env, check=False)
     assert bad.returncode == 1

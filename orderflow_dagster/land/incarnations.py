@@ -145,6 +145,12 @@ class IncarnationError(Exception):
     pipeline stops on that topic and says what to do; retrying would change nothing."""
 
 
+_LOST_HINT = (
+    "The old stream's unlanded offsets count as lost until acknowledged: re-produce them if "
+    f"their source still has them, then run `orderflow ack-loss` (see {RUNBOOK})."
+)
+
+
 class StreamRetiredError(IncarnationError):
     """A range of a stream that no longer lands its topic: an operator started a new stream of
     the same incarnation (`orderflow catch-up --new-stream`)."""
@@ -171,25 +177,14 @@ class TopicRecreatedError(StreamRetiredError):
         super().__init__(what, stream, successor)
 
     def _message(self, what: str) -> str:
-        landed_as = (
-            f"as stream {self.successor}"
-            if self.successor
-            else "as a stream of its own at the next planning"
-        )
+        landed_as = f"as stream {self.successor}" if self.successor else "as a stream of its own"
         return (
             f"{what} was planned on incarnation {self.recorded_id} of Kafka topic "
             f"{kafka_topic(self.stream)}, but the topic now has id {self.kafka_id}: it was "
-            "deleted and re-created, and the records of the old incarnation went with it. "
-            "orderflow refuses to land it, and lands the new topic from its first offset "
-            f"{landed_as}. {_LOST_HINT}"
+            "deleted and re-created, and the old incarnation's records went with it. orderflow "
+            f"will not land it; it lands the new topic from its first offset {landed_as}. "
+            f"{_LOST_HINT}"
         )
-
-
-_LOST_HINT = (
-    "The offsets the old stream never landed count as lost until acknowledged: check whether "
-    "their source can produce them again, then acknowledge them with `orderflow ack-loss` "
-    f"(see {RUNBOOK})."
-)
 
 
 class LogBehindLedgerError(IncarnationError):
@@ -199,17 +194,15 @@ class LogBehindLedgerError(IncarnationError):
         self.stream, self.topic_id, self.behind = stream, topic_id, list(behind)
         topic = kafka_topic(stream)
         super().__init__(
-            f"Kafka's log of {topic} (topic id {topic_id}) ends below what orderflow planned or "
-            f"landed for it as stream {stream}: {'; '.join(str(b) for b in behind)}. New "
-            "records will reuse those offsets and orderflow would skip them, so it plans, "
-            f"lands and commits nothing past the log end of {topic}. This happens when the log "
-            "was truncated (an unclean leader election), the cluster was restored from an older "
-            "state, or the topic was deleted and re-created before orderflow recorded its topic "
-            "id. To land Kafka's log as it is now, from its first offset, as a new stream, run "
-            "`orderflow catch-up --new-stream` (events landed before are audited as duplicates "
-            "and the marts keep one copy of each); what the old stream planned and never landed "
-            "is then reported as lost until acknowledged with `orderflow ack-loss`. If the log "
-            f"can be restored as it was, restore it instead. See {RUNBOOK}."
+            f"Kafka's log of {topic} (topic id {topic_id}) ends below the ledger of stream "
+            f"{stream}: {'; '.join(str(b) for b in behind)}. New records would reuse those "
+            f"offsets and be skipped, so orderflow plans and commits nothing on {topic}. "
+            "Causes: a truncated log (unclean leader election), a cluster restored from an "
+            "older state, or a topic re-created before orderflow recorded topic ids. Restore "
+            "the log if you can; otherwise run `orderflow catch-up --new-stream` to land Kafka's "
+            "log from its first offset as a new stream (events landed before count as "
+            "duplicates; the marts keep one copy), then acknowledge what the old stream never "
+            f"landed with `orderflow ack-loss`. See {RUNBOOK}."
         )
 
 

@@ -295,6 +295,8 @@ def verify(
         conn.execute("set default_transaction_read_only = on")
         consumer = kafka_source.open_consumer(bootstrap, group)
         try:
+            # the checks of stored rows and commits look at the topic's current stream (its
+            # name differs from the topic's once the topic was re-created)
             kafka = topic
             topic = current_stream(conn, consumer, topic)
             checks = storage_checks(conn, topic) + audit_checks(conn, topic)
