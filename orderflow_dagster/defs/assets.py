@@ -17,6 +17,7 @@ from dagster import (
 
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
 from orderflow_dagster.ingest.errors import OffsetsLostError
+from orderflow_dagster.land.incarnations import IncarnationError
 from orderflow_dagster.land.landing import LandingResult, land_range
 from orderflow_dagster.land.ranges import OffsetRange
 
@@ -107,6 +108,10 @@ def raw_order_events(
                 "it records) and the rest of the range lands: see docs/operations.md.",
                 allow_retries=False,
             ) from exc
+        except IncarnationError as exc:
+            # a range of a re-created topic's old incarnation, or a log that ends below the
+            # ledger: retrying cannot change either
+            raise Failure(description=str(exc), allow_retries=False) from exc
     context.log.info(
         f"landed {rng}: {result.rows_landed} rows, {result.dead_letters} dead letters, "
         f"{result.already_landed} already landed, {result.events_per_second:.0f} events/s"

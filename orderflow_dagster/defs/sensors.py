@@ -26,7 +26,7 @@ from orderflow_dagster.defs.launch import (
 )
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
 from orderflow_dagster.land.landing import repair_kafka_commits
-from orderflow_dagster.land.planner import plan_ranges
+from orderflow_dagster.land.planner import lost_message, plan_ranges
 
 PARTITION_TAG = "dagster/partition"
 
@@ -48,7 +48,9 @@ def runs_by_partition(instance: DagsterInstance, keys: list[str]) -> dict[str, l
     minimum_interval_seconds=5,
     default_status=DefaultSensorStatus.RUNNING,
     description="Plans Kafka offset ranges from the ledger and adds each as a partition of "
-    "raw_order_events; repairs the consumer group's committed offsets from the ledger.",
+    "raw_order_events; repairs the consumer group's committed offsets from the ledger. Lands a "
+    "deleted and re-created topic as a stream of its own; stops (a failed tick saying what to "
+    "do) when Kafka's log ends below the ledger.",
 )
 def kafka_offset_ranges_sensor(
     context: SensorEvaluationContext,
@@ -57,6 +59,8 @@ def kafka_offset_ranges_sensor(
     landing: LandingSettings,
 ) -> SensorResult | SkipReason:
     with postgres.connect() as conn, kafka.consumer() as consumer:
+        # an IncarnationError (the log ends below the ledger) fails the tick with its message:
+        # nothing is planned around it, nothing committed
         plan = plan_ranges(
             conn,
             consumer,
@@ -65,7 +69,11 @@ def kafka_offset_ranges_sensor(
             max_inflight=landing.max_inflight,
         )
         # a process that died between the Postgres and the Kafka commit left Kafka behind
-        repair_kafka_commits(conn, consumer, kafka.topic)
+        repair_kafka_commits(conn, consumer, kafka.topic, topic_id=plan.topic_id)
+    if plan.registered:
+        context.log.warning(f"{kafka.topic} is landed as stream {plan.topic}: {plan.registered}")
+    if plan.lost:
+        context.log.warning(lost_message(plan.lost))
 
     keys = [r.key for r in plan.unlanded]
     known = set(context.instance.get_dynamic_partitions(offset_ranges.name))
@@ -80,7 +88,7 @@ def kafka_offset_ranges_sensor(
         return SkipReason(plan.skip_reason(landing.max_inflight))
     context.log.info(
         f"{len(plan.new)} new range(s), {len(todo)} run(s) to launch, lag={plan.lag} on "
-        f"{kafka.topic}"
+        f"{plan.topic}"
     )
     return SensorResult(
         run_requests=[RunRequest(run_key=t.run_key, partition_key=t.partition_key) for t in todo],

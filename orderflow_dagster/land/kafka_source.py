@@ -3,23 +3,89 @@
 Reading uses `assign` + an explicit start offset, never a subscription: a range is a fixed slice
 of the log, and group rebalances must not move it. The consumer group is only used to publish the
 committed offsets (after Postgres commits) so standard lag tooling sees our progress.
+
+Every function takes a stream name (see ranges.INCARNATION_SEPARATOR) or a bare topic name, and
+talks to Kafka about the topic it names.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 from orderflow_dagster.ingest.errors import KafkaUnavailableError, OffsetsLostError
-from orderflow_dagster.ingest.kafka_config import consumer_config
+from orderflow_dagster.ingest.kafka_config import admin_config, consumer_config
+from orderflow_dagster.land.incarnations import ZERO_TOPIC_ID, IncarnationError, format_topic_id
+from orderflow_dagster.land.ranges import kafka_topic
 
 _LOST = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
 
 
-def open_consumer(bootstrap_servers: str, group_id: str, extra: dict | None = None) -> Consumer:
-    return Consumer(consumer_config(bootstrap_servers, group_id, extra))
+class LandingConsumer(Consumer):
+    """A consumer that can also ask the cluster's admin API (for topic ids), and remembers which
+    stream its assignment was positioned for."""
+
+    def __init__(self, config: dict, admin: dict) -> None:
+        super().__init__(config)
+        self.admin_config = admin
+        self.positioned_stream: str | None = None
+
+
+def open_consumer(
+    bootstrap_servers: str, group_id: str, extra: dict | None = None
+) -> LandingConsumer:
+    return LandingConsumer(
+        consumer_config(bootstrap_servers, group_id, extra), admin_config(bootstrap_servers, extra)
+    )
+
+
+# One admin client per configuration and process: creating one costs a connection and a
+# metadata round trip, a topic id lookup on an open one about a millisecond.
+_ADMINS: dict[tuple, AdminClient] = {}
+_ADMINS_LOCK = threading.Lock()
+
+
+def _admin(consumer: Consumer) -> AdminClient:
+    config = getattr(consumer, "admin_config", None)
+    if config is None:
+        raise TypeError("topic ids need a consumer from kafka_source.open_consumer")
+    key = tuple(sorted((k, str(v)) for k, v in config.items()))
+    with _ADMINS_LOCK:
+        admin = _ADMINS.get(key)
+        if admin is None:
+            admin = _ADMINS[key] = AdminClient(config)
+    return admin
+
+
+def topic_id(consumer: Consumer, topic: str, timeout: float = 10.0) -> str:
+    """Kafka's id of the topic's current incarnation, as Kafka prints it."""
+    name = kafka_topic(topic)
+    future = _admin(consumer).describe_topics(TopicCollection([name]), request_timeout=timeout)[
+        name
+    ]
+    try:
+        description = future.result(timeout=timeout + 5)
+    except KafkaException as exc:
+        raise _unavailable(f"cannot describe topic {name}", exc) from exc
+    uuid = description.topic_id
+    text = format_topic_id(uuid.get_most_significant_bits(), uuid.get_least_significant_bits())
+    if text == ZERO_TOPIC_ID:
+        raise IncarnationError(
+            f"the broker reports no topic id for {name}: orderflow needs topic ids (Kafka 2.8 or "
+            "later) to tell a re-created topic from the one it landed"
+        )
+    return text
 
 
 def _unavailable(what: str, exc: KafkaException) -> KafkaUnavailableError:
@@ -27,6 +93,7 @@ def _unavailable(what: str, exc: KafkaException) -> KafkaUnavailableError:
 
 
 def partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
+    topic = kafka_topic(topic)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)
     except KafkaException as exc:
@@ -44,6 +111,7 @@ def watermarks(
 ) -> dict[int, tuple[int, int]]:
     """(low, high) per partition. With isolation.level=read_committed, high is the last stable
     offset, so a range never waits on an open transaction."""
+    topic = kafka_topic(topic)
     out = {}
     for p in parts:
         try:
@@ -65,19 +133,37 @@ def log_start_offset(consumer: Consumer, topic: str, partition: int, timeout: fl
 def committed(
     consumer: Consumer, topic: str, parts: list[int], timeout: float = 10.0
 ) -> dict[int, int | None]:
+    return {p: offset for p, (offset, _) in committed_by(consumer, topic, parts, timeout).items()}
+
+
+def committed_by(
+    consumer: Consumer, topic: str, parts: list[int], timeout: float = 10.0
+) -> dict[int, tuple[int | None, str | None]]:
+    """Per partition, the committed offset and the topic id it was committed for (its commit
+    metadata; None when committed without one, as by other tools)."""
+    topic = kafka_topic(topic)
     try:
         tps = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=timeout)
     except KafkaException as exc:
         raise _unavailable(f"committed offsets of {topic}", exc) from exc
-    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in tps}
+    return {
+        tp.partition: (tp.offset if tp.offset >= 0 else None, tp.metadata or None) for tp in tps
+    }
 
 
-def commit(consumer: Consumer, topic: str, offsets: dict[int, int]) -> None:
+def commit(
+    consumer: Consumer, topic: str, offsets: dict[int, int], topic_id: str | None = None
+) -> None:
+    """Commit `offsets`; with `topic_id`, tagged with it, so that a commit made for one
+    incarnation of the topic is told apart once another has replaced it."""
     if not offsets:
         return
+    topic = kafka_topic(topic)
+    tag = {} if topic_id is None else {"metadata": topic_id}
     try:
         consumer.commit(
-            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+            offsets=[TopicPartition(topic, p, o, **tag) for p, o in offsets.items()],
+            asynchronous=False,
         )
     except KafkaException as exc:
         raise _unavailable(f"commit offsets of {topic}", exc) from exc
@@ -102,9 +188,11 @@ def read_span(
 
     A span read to its end leaves the consumer assigned: the next span of the partition usually
     starts where this one ended, and librdkafka has fetched it ahead. A span left early, or by
-    an error, unassigns, so the next one starts from a clean slate.
+    an error, unassigns, so the next one starts from a clean slate. `topic` is the range's
+    stream: what was fetched ahead for one stream is never taken for another's.
     """
-    _position_at(consumer, topic, partition, start)
+    stream, topic = topic, kafka_topic(topic)
+    _position_at(consumer, stream, partition, start)
     last_progress = time.monotonic()
     next_offset = start
     finished = False
@@ -158,12 +246,20 @@ def read_span(
             consumer.unassign()
 
 
-def _position_at(consumer: Consumer, topic: str, partition: int, start: int) -> None:
+def _position_at(consumer: Consumer, stream: str, partition: int, start: int) -> None:
     """Make `start` the next offset the consumer returns for the partition, keeping the
-    assignment (and what it fetched ahead) when it is already there."""
+    assignment (and what it fetched ahead) when it is already there for the same stream (a
+    re-created topic can reach the same offset on another incarnation)."""
+    topic = kafka_topic(stream)
     assigned = consumer.assignment()
-    if len(assigned) == 1 and (assigned[0].topic, assigned[0].partition) == (topic, partition):
+    if (
+        getattr(consumer, "positioned_stream", None) == stream
+        and len(assigned) == 1
+        and (assigned[0].topic, assigned[0].partition) == (topic, partition)
+    ):
         (position,) = consumer.position([TopicPartition(topic, partition)])
         if position.offset == start:
             return
     consumer.assign([TopicPartition(topic, partition, start)])
+    if isinstance(consumer, LandingConsumer):
+        consumer.positioned_stream = stream

@@ -12,6 +12,10 @@ The order of operations is the exactly-once argument:
 5. only then commit to Kafka the end of the contiguous landed prefix (never past a gap).
 A crash anywhere before 4 leaves nothing; a crash between 4 and 5 leaves Kafka behind, which the
 next run or sensor tick repairs from the ledger (`repair_kafka_commit`).
+
+Kafka's topic id is checked before 3 and again before the ledger row (see incarnations.py): a
+range of an incarnation Kafka no longer has is refused, and since a topic id never comes back,
+one seen before and after the reading means every record read came from it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from confluent_kafka import Consumer, Message
 from opentelemetry.trace import SpanKind
 
 from orderflow_dagster.faults import crash_point
-from orderflow_dagster.land import kafka_source, store
+from orderflow_dagster.land import incarnations, kafka_source, store
+from orderflow_dagster.land.incarnations import Behind, Incarnation, LogBehindLedgerError
 from orderflow_dagster.land.metadata import (
     HEADERS_UNREADABLE,
     UNREADABLE_HEADERS,
@@ -42,7 +47,7 @@ from orderflow_dagster.land.parse import (
     copy_text,
     parse_event,
 )
-from orderflow_dagster.land.ranges import OffsetRange, contiguous_end, uncovered
+from orderflow_dagster.land.ranges import OffsetRange, contiguous_end, kafka_topic, uncovered
 from orderflow_dagster.tracing import tracer
 
 EVENT_COLUMNS = (
@@ -223,15 +228,23 @@ def _land_range(
 ) -> LandingResult:
     started = time.monotonic()
     messages = rows = dead = 0
+    topic_id = None
+    if not store.incarnations(conn, kafka_topic(rng.topic)):
+        from orderflow_dagster.land.planner import register_current
+
+        register_current(conn, consumer, kafka_topic(rng.topic))
     with conn.transaction():
         store.lock_partition_for_landing(conn, rng.topic, rng.partition)
         spans = store.landed_spans(conn, rng.topic, rng.partition)
         gaps = [] if (rng.start, rng.end) in spans else uncovered(rng.start, rng.end, spans)
         already = rng.size - sum(e - s for s, e in gaps)
         if gaps:
+            topic_id = _current_topic_id(conn, consumer, rng)
             # before the first fetch: an offset below it that does not land was deleted before
             # it could be read, one above it was read through (a marker); see verify
-            log_start = kafka_source.log_start_offset(consumer, rng.topic, rng.partition)
+            log_start = kafka_source.log_start_offset(
+                consumer, kafka_topic(rng.topic), rng.partition
+            )
             snapshot = store.classification_snapshot(conn)
             crash_point("before_copy")
             counts = _stream_gaps(
@@ -245,6 +258,7 @@ def _land_range(
                 idle_timeout=idle_timeout,
             )
             store.settle_landing(conn, rng, gaps, run_id, snapshot)
+            _current_topic_id(conn, consumer, rng)  # raises if the topic was re-created meanwhile
             duration_ms = int((time.monotonic() - started) * 1000)
             # a row per gap, so the ledger never overlaps itself where part of the range was
             # covered before (an acknowledged loss); usually the one gap is the whole range
@@ -261,16 +275,27 @@ def _land_range(
                         duration_ms,
                         span=None if gap == (rng.start, rng.end) else gap,
                         log_start_offset=log_start,
+                        topic_id=topic_id,
                     ),
                 )
             messages, rows, dead = map(sum, zip(*counts, strict=True))
             crash_point("after_copy_before_commit")
     crash_point("after_db_commit_before_kafka_commit")
-    committed = repair_kafka_commit(conn, consumer, rng.topic, rng.partition)
-    crash_point("after_kafka_commit")
+    # the log end this consumer's fetches just saw, when it read anything (else asked afresh)
     marks = consumer.get_watermark_offsets(
-        kafka_source.TopicPartition(rng.topic, rng.partition), cached=True
+        kafka_source.TopicPartition(kafka_topic(rng.topic), rng.partition), cached=True
     )
+    known = marks if marks and marks[0] >= 0 and marks[1] >= 0 else None
+    committed = repair_kafka_commits(
+        conn,
+        consumer,
+        rng.topic,
+        [rng.partition],
+        topic_id=topic_id,
+        marks=None if known is None else {rng.partition: (int(known[0]), int(known[1]))},
+        stream=rng.topic,
+    )[rng.partition]
+    crash_point("after_kafka_commit")
     return LandingResult(
         rng,
         messages,
@@ -279,8 +304,18 @@ def _land_range(
         already,
         time.monotonic() - started,
         committed,
-        int(marks[1]) if marks and marks[1] >= 0 else None,
+        int(known[1]) if known else None,
     )
+
+
+def _current_topic_id(conn: psycopg.Connection, consumer: Consumer, rng: OffsetRange) -> str:
+    """Kafka's topic id, when `rng` belongs to the stream that lands Kafka's current incarnation
+    of its topic; raises TopicRecreatedError (or another IncarnationError) otherwise."""
+    topic = kafka_topic(rng.topic)
+    known = store.incarnations(conn, topic)
+    kafka_id = kafka_source.topic_id(consumer, topic)
+    incarnations.refuse_retired(f"range {rng}", rng.topic, known, kafka_id)
+    return kafka_id
 
 
 def _stream_gaps(
@@ -366,30 +401,77 @@ def origin(conn: psycopg.Connection, topic: str, partition: int) -> int | None:
 def repair_kafka_commit(
     conn: psycopg.Connection, consumer: Consumer, topic: str, partition: int
 ) -> int | None:
-    """Move the group's committed offset up to the end of the landed prefix, never past a gap.
+    """`repair_kafka_commits` of one partition; returns the committed offset afterwards."""
+    return repair_kafka_commits(conn, consumer, topic, [partition])[partition]
 
-    Runs under the partition's landing lock so concurrent runs commit in order and the offset
-    never moves backwards. Returns the committed offset afterwards.
+
+def repair_kafka_commits(
+    conn: psycopg.Connection,
+    consumer: Consumer,
+    topic: str,
+    partitions: list[int] | None = None,
+    *,
+    topic_id: str | None = None,
+    marks: dict[int, tuple[int, int]] | None = None,
+    stream: str | None = None,
+) -> dict[int, int | None]:
+    """Move the group's committed offsets up to the end of the landed prefix, never past a gap:
+    what each tick and catch-up run does, so a process that died between the two commits is
+    repaired on the next one. Returns the committed offsets afterwards.
+
+    Only the commits of the Kafka topic's current stream are repaired (a retired stream's
+    ledger describes a log Kafka no longer has), never past Kafka's log end (LogBehindLedgerError
+    instead), and tagged with the topic id. A committed offset that is no position of the landed
+    prefix (committed for another incarnation, or past the log end) is replaced by the ledger's.
+    `topic_id` and `marks`: what the caller just read from Kafka, to save asking again.
+    `stream`: repair only if it is the current stream (else None per partition).
     """
+    kafka = kafka_topic(topic)
+    if topic_id is None:
+        topic_id = kafka_source.topic_id(consumer, kafka)
+    inc = incarnations.current(store.incarnations(conn, kafka), topic_id)
+    parts = kafka_source.partitions(consumer, kafka) if partitions is None else partitions
+    if stream is not None and (inc is None or inc.stream != stream):
+        # a range of a retired stream that had landed already: its commits are history
+        return dict.fromkeys(parts)
+    if inc is None:
+        # planning has not registered this incarnation yet: nothing of it landed
+        return kafka_source.committed(consumer, kafka, parts)
+    missing = [p for p in parts if marks is None or p not in marks]
+    marks = {**(marks or {}), **kafka_source.watermarks(consumer, kafka, missing)}
+    return {p: _repair_partition(conn, consumer, inc, p, marks[p]) for p in parts}
+
+
+def _repair_partition(
+    conn: psycopg.Connection,
+    consumer: Consumer,
+    inc: Incarnation,
+    partition: int,
+    marks: tuple[int, int],
+) -> int | None:
+    """Runs under the partition's landing lock so concurrent runs commit in order and the offset
+    never moves backwards (unless it was none of this log's)."""
+    low, log_end = marks
     with conn.transaction():
-        store.lock_partition_for_landing(conn, topic, partition)
-        start = origin(conn, topic, partition)
-        target = contiguous_end(start, store.landed_spans(conn, topic, partition))
-        current = kafka_source.committed(consumer, topic, [partition])[partition]
+        store.lock_partition_for_landing(conn, inc.stream, partition)
+        start = origin(conn, inc.stream, partition)
+        target = contiguous_end(start, store.landed_spans(conn, inc.stream, partition))
+        if target is not None and target > log_end:
+            behind = [Behind(partition, log_end, target)]
+            raise LogBehindLedgerError(inc.stream, inc.topic_id, behind)
+        current, owner = kafka_source.committed_by(consumer, inc.stream, [partition])[partition]
+        # commits untagged are older orderflow's (or another tool's): the bare stream's own
+        ours = owner == inc.topic_id or (owner is None and inc.stream == inc.topic)
+        if current is not None and (not ours or current > log_end):
+            replacement = target if target is not None else (start if start is not None else low)
+            crash_point("in_kafka_commit")
+            kafka_source.commit(consumer, inc.stream, {partition: replacement}, inc.topic_id)
+            return replacement
         # nothing landed from the origin yet: leave the group without a commit rather than
         # commit the origin itself, so "committed" always means "landed up to here"
         floor = current if current is not None else start
         if target is not None and target > floor:
             crash_point("in_kafka_commit")
-            kafka_source.commit(consumer, topic, {partition: target})
+            kafka_source.commit(consumer, inc.stream, {partition: target}, inc.topic_id)
             return target
         return current
-
-
-def repair_kafka_commits(conn: psycopg.Connection, consumer: Consumer, topic: str) -> dict:
-    """`repair_kafka_commit` for every partition of the topic: what each tick and catch-up run
-    does, so a process that died between the two commits is repaired on the next one."""
-    return {
-        p: repair_kafka_commit(conn, consumer, topic, p)
-        for p in kafka_source.partitions(consumer, topic)
-    }

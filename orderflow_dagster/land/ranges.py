@@ -13,6 +13,15 @@ from dataclasses import dataclass
 
 KEY_SEPARATOR = "|"
 OFFSET_DIGITS = 12
+# A range's `topic` names a stream: the Kafka topic itself for the first incarnation of the topic
+# orderflow saw, `<topic>@<topic id>` for a later one (a deleted and re-created topic), so that
+# each incarnation's offsets have coordinates of their own. Kafka topic names cannot hold '@'.
+INCARNATION_SEPARATOR = "@"
+
+
+def kafka_topic(stream: str) -> str:
+    """The Kafka topic a stream (or a bare topic name) reads from."""
+    return stream.split(INCARNATION_SEPARATOR, 1)[0]
 
 
 @dataclass(frozen=True, order=True)

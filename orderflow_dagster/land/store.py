@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+from psycopg.types.json import Jsonb
 
+from orderflow_dagster.land.incarnations import Incarnation
 from orderflow_dagster.land.ranges import Coverage, OffsetRange
 
 # Advisory-lock namespaces (the first int of the two-int form), so our locks cannot collide with
@@ -136,14 +138,16 @@ def topic_progress(conn: psycopg.Connection, topic: str) -> TopicProgress:
     return TopicProgress(dict(planned), dict(landed))
 
 
-def record_plan(conn: psycopg.Connection, ranges: list[OffsetRange]) -> None:
+def record_plan(
+    conn: psycopg.Connection, ranges: list[OffsetRange], topic_id: str | None = None
+) -> None:
     if not ranges:
         return
     with conn.cursor() as cur:
         cur.executemany(
             "insert into raw.ingest_plan (topic, kafka_partition, start_offset, end_offset,"
-            " partition_key) values (%s, %s, %s, %s, %s) on conflict do nothing",
-            [(r.topic, r.partition, r.start, r.end, r.key) for r in ranges],
+            " partition_key, topic_id) values (%s, %s, %s, %s, %s, %s) on conflict do nothing",
+            [(r.topic, r.partition, r.start, r.end, r.key, topic_id) for r in ranges],
         )
 
 
@@ -163,6 +167,9 @@ class LedgerEntry:
     log_start_offset: int | None = None
     # the operator's reason, on a row of offsets acknowledged as lost (`orderflow ack-loss`)
     acknowledged_loss: str | None = None
+    # the topic id the records were read under (raw.ingest_ledger fills in the stream's own
+    # when a writer gives none)
+    topic_id: str | None = None
 
 
 def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
@@ -171,8 +178,8 @@ def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
     conn.execute(
         "insert into raw.ingest_ledger (topic, kafka_partition, start_offset, end_offset,"
         " partition_key, messages_read, rows_landed, dead_letters, already_landed, run_id,"
-        " duration_ms, log_start_offset, acknowledged_loss)"
-        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " duration_ms, log_start_offset, acknowledged_loss, topic_id)"
+        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " on conflict (topic, kafka_partition, start_offset, end_offset) do nothing",
         (
             r.topic,
@@ -188,6 +195,7 @@ def record_landing(conn: psycopg.Connection, entry: LedgerEntry) -> None:
             entry.duration_ms,
             entry.log_start_offset,
             entry.acknowledged_loss,
+            entry.topic_id,
         ),
     )
 
@@ -222,3 +230,64 @@ def settle_landing(
         "select audit.settle_landing(%s, %s, %s::bigint[], %s::bigint[], %s, %s::pg_snapshot)",
         (rng.topic, rng.partition, starts, ends, run_id, snapshot),
     )
+
+
+# Topic incarnations (see incarnations.py): raw.topic_incarnations in sql/schema.sql.
+
+
+def incarnations(conn: psycopg.Connection, topic: str) -> list[Incarnation]:
+    """The registered incarnations of a Kafka topic, oldest first."""
+    return [
+        Incarnation(stream, topic_id, {int(p): int(e) for p, e in (marks or {}).items()})
+        for stream, topic_id, marks in conn.execute(
+            "select stream, topic_id, high_watermarks from raw.topic_incarnations"
+            " where topic = %s order by seq",
+            (topic,),
+        )
+    ]
+
+
+def register_incarnation(
+    conn: psycopg.Connection, topic: str, topic_id: str, stream: str, reason: str
+) -> Incarnation:
+    """Register a stream for `topic`'s incarnation `topic_id`. Call under the topic's planning
+    lock (the stream name is unique, so a race fails rather than registering twice)."""
+    conn.execute(
+        "insert into raw.topic_incarnations (stream, topic, topic_id, reason)"
+        " values (%s, %s, %s, %s)",
+        (stream, topic, topic_id, reason),
+    )
+    return Incarnation(stream, topic_id)
+
+
+def has_ranges(conn: psycopg.Connection, stream: str) -> bool:
+    return conn.execute(
+        "select exists (select from raw.ingest_plan where topic = %s)"
+        " or exists (select from raw.ingest_ledger where topic = %s)",
+        (stream, stream),
+    ).fetchone()[0]
+
+
+def reassign_incarnation(conn: psycopg.Connection, stream: str, topic_id: str, reason: str) -> None:
+    """Point a stream that never planned a range at another topic id (a topic re-created before
+    anything was produced keeps its bare name)."""
+    conn.execute(
+        "update raw.topic_incarnations set topic_id = %s, reason = %s, high_watermarks = null,"
+        " registered_at = now() where stream = %s",
+        (topic_id, reason, stream),
+    )
+
+
+def record_high_watermarks(
+    conn: psycopg.Connection, incarnation: Incarnation, log_ends: dict[int, int]
+) -> None:
+    """Keep the greatest log end planning saw per partition: what a retired stream had in
+    Kafka, to count its lost offsets. Writes only when one grew."""
+    seen = dict(incarnation.high_watermarks)
+    for p, end in log_ends.items():
+        seen[p] = max(seen.get(p, 0), end)
+    if seen != incarnation.high_watermarks:
+        conn.execute(
+            "update raw.topic_incarnations set high_watermarks = %s where stream = %s",
+            (Jsonb({str(p): e for p, e in sorted(seen.items())}), incarnation.stream),
+        )

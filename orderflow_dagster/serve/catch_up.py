@@ -4,6 +4,9 @@ The same planning and landing code as the sensor path, driven by a loop instead 
 for CI, scripts and operators. Every step is idempotent, so it is safe to kill at any moment and
 run again. Uses the Dagster instance in $DAGSTER_HOME when set (so the runs show in the UI), an
 ephemeral one otherwise.
+
+It exits non-zero, saying what to do, while the topic's log cannot continue the ledger (it ends
+below it) or while offsets a re-created topic took with it are not acknowledged.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dagster import DagsterInstance, materialize
 from psycopg import sql
@@ -22,6 +25,8 @@ from orderflow_dagster import settings
 
 @dataclass
 class CatchUpReport:
+    stream: str | None = None  # the topic's current stream, when not the topic itself
+    lost: list = field(default_factory=list)  # offsets of retired streams never landed
     ranges_landed: int = 0
     failed: int = 0
     lag: int = 0
@@ -34,7 +39,8 @@ class CatchUpReport:
 
     def lines(self, topic: str) -> list[str]:
         return [
-            f"topic:        {topic}",
+            f"topic:        {topic}"
+            + (f" (landed as stream {self.stream})" if self.stream not in (None, topic) else ""),
             f"produced:     {self.produced} offsets in the log",
             f"landed:       {self.landed_rows} rows in raw.order_events",
             f"dead letters: {self.dead_letters} in raw.dead_letters",
@@ -51,14 +57,19 @@ def _instance() -> DagsterInstance:
 
 
 def catch_up(
-    *, run_dbt: bool = True, full_refresh: bool = False, max_rounds: int = 1000
+    *,
+    run_dbt: bool = True,
+    full_refresh: bool = False,
+    max_rounds: int = 1000,
+    new_stream: bool = False,
 ) -> CatchUpReport:
     # imported here: loading Dagster definitions is slow, and `--help` should not pay for it
     from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
     from orderflow_dagster.defs.resources import resources_from_env
     from orderflow_dagster.land import kafka_source
+    from orderflow_dagster.land.incarnations import Behind, LogBehindLedgerError
     from orderflow_dagster.land.landing import repair_kafka_commits
-    from orderflow_dagster.land.planner import plan_ranges
+    from orderflow_dagster.land.planner import lost_to_recreation, plan_ranges
 
     started = time.monotonic()
     resources = resources_from_env(resolved=True)
@@ -73,7 +84,10 @@ def catch_up(
                 kafka.topic,
                 max_events_per_batch=landing.max_events_per_batch,
                 max_inflight=landing.max_inflight,
+                # an operator's decision, taken once: the next rounds plan the new stream
+                new_stream=new_stream and report.stream is None,
             )
+        report.stream = plan.topic
         if not plan.unlanded:
             break
         known = set(instance.get_dynamic_partitions(offset_ranges.name))
@@ -104,15 +118,28 @@ def catch_up(
         report.modelled = True
 
     with postgres.connect() as conn, kafka.consumer() as consumer:
-        committed = repair_kafka_commits(conn, consumer, kafka.topic)
-        parts = sorted(committed)
+        topic_id = kafka_source.topic_id(consumer, kafka.topic)
+        parts = kafka_source.partitions(consumer, kafka.topic)
         marks = kafka_source.watermarks(consumer, kafka.topic, parts)
+        committed = repair_kafka_commits(
+            conn, consumer, kafka.topic, parts, topic_id=topic_id, marks=marks
+        )
         report.produced = sum(high - low for low, high in marks.values())
-        report.lag = sum(marks[p][1] - (committed[p] or marks[p][0]) for p in parts)
+        lags = {
+            p: high - (low if committed[p] is None else committed[p])
+            for p, (low, high) in marks.items()
+        }
+        above = [Behind(p, marks[p][1], committed[p]) for p, n in sorted(lags.items()) if n < 0]
+        if above:
+            # the repair leaves no committed offset past the log end; something else did
+            raise LogBehindLedgerError(report.stream or kafka.topic, topic_id, above)
+        report.lag = sum(lags.values())
+        report.lost = lost_to_recreation(conn, kafka.topic, report.stream)
+        stream = report.stream or kafka.topic
         report.landed_rows, report.dead_letters = conn.execute(
             "select (select count(*) from raw.order_events where topic = %s),"
             " (select count(*) from raw.dead_letters where topic = %s)",
-            (kafka.topic, kafka.topic),
+            (stream, stream),
         ).fetchone()
         schema = os.environ.get("ORDERFLOW_ANALYTICS_SCHEMA") or "analytics"
         if report.modelled:
@@ -125,18 +152,31 @@ def catch_up(
 
 # exit status of `orderflow catch-up` when the marts need `--full-refresh` (after an upgrade)
 EXIT_MARTS_OUT_OF_DATE = 3
+# exit status when Kafka's log of the topic cannot continue the ledger, or when offsets a
+# re-created topic took with it are not acknowledged: the message says what to do
+EXIT_TOPIC_INCARNATION = 4
 
 
 def _run(args: argparse.Namespace) -> int:
+    from orderflow_dagster.land.incarnations import IncarnationError
+    from orderflow_dagster.land.planner import lost_message
     from orderflow_dagster.transform.dbt import MartsOutOfDateError
 
     try:
-        report = catch_up(run_dbt=not args.no_dbt, full_refresh=args.full_refresh)
+        report = catch_up(
+            run_dbt=not args.no_dbt, full_refresh=args.full_refresh, new_stream=args.new_stream
+        )
     except MartsOutOfDateError as exc:
         print(f"catch-up FAILED: {exc}", file=sys.stderr)
         return EXIT_MARTS_OUT_OF_DATE
+    except IncarnationError as exc:
+        print(f"catch-up FAILED: {exc}", file=sys.stderr)
+        return EXIT_TOPIC_INCARNATION
     for line in report.lines(settings.topic()):
         print(line)
+    if report.lost:
+        print(f"catch-up FAILED: {lost_message(report.lost)}", file=sys.stderr)
+        return EXIT_TOPIC_INCARNATION
     if report.failed:
         print("catch-up FAILED: a range did not land; see the run's logs above", file=sys.stderr)
         return 1
@@ -156,5 +196,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="rebuild the dbt marts from raw (needed once after an upgrade changed them;"
         f" catch-up exits {EXIT_MARTS_OUT_OF_DATE} when it is)",
+    )
+    parser.add_argument(
+        "--new-stream",
+        action="store_true",
+        help="land Kafka's log of the topic as a new stream from its first offset; only when it"
+        " ends below the ledger (a truncated log, a restored cluster, a topic re-created before"
+        f" its id was recorded: catch-up exits {EXIT_TOPIC_INCARNATION} and says so)",
     )
     parser.set_defaults(func=_run)

@@ -14,8 +14,12 @@ Checks, for the configured topic:
 - the audit log holds one row per stored record (landed, duplicate or replayed per event row, one
   dead_lettered per dead letter) and one `landed` row at most per event_id;
 - the marts hold no event_id twice and one order_status row per order (if dbt has run; both
-  marts or neither).
-Prints one line per check and exits 1 if any fails.
+  marts or neither);
+- topic ids match the ledger: Kafka's incarnation of the topic is the registered one, and every
+  plan and ledger row carries its stream's topic id; the current stream's ledger and committed
+  offsets lie within Kafka's log; no offset a re-created topic took with it is unacknowledged.
+The checks of stored rows and commits run on the topic's current stream (see
+land/incarnations.py). Prints one line per check and exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import psycopg
 from psycopg import sql
 
 from orderflow_dagster import settings
-from orderflow_dagster.land import kafka_source, session
+from orderflow_dagster.land import incarnations, kafka_source, session, store
+from orderflow_dagster.land.planner import current_incarnation, lost_message, lost_to_recreation
+from orderflow_dagster.land.ranges import INCARNATION_SEPARATOR, kafka_topic
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,84 @@ def kafka_checks(conn: psycopg.Connection, consumer, topic: str) -> tuple[list[C
     ], lag
 
 
+def topic_checks(conn: psycopg.Connection, consumer, topic: str) -> list[Check]:
+    """Kafka's topic id against the registered incarnations, the plan and the ledger."""
+    topic = kafka_topic(topic)
+    if not _incarnations_recorded(conn):
+        return [Check("topic ids match the ledger", True, "not recorded yet (schema predates)")]
+    kafka_id, now = current_incarnation(conn, consumer, topic)
+    known = store.incarnations(conn, topic)
+    # plan and ledger rows of the topic's streams whose topic id is not their stream's, or
+    # whose stream is not registered (rows from before topic ids were recorded carry none)
+    mismatched, unregistered = conn.execute(
+        """
+        with ranges as (
+            select topic, topic_id from raw.ingest_plan
+            where topic = %(t)s or starts_with(topic, %(s)s)
+            union all
+            select topic, topic_id from raw.ingest_ledger
+            where topic = %(t)s or starts_with(topic, %(s)s)
+        )
+        select count(*) filter (where i.stream is not null and r.topic_id <> i.topic_id),
+               count(*) filter (where i.stream is null and (r.topic <> %(t)s or %(known)s))
+        from ranges r left join raw.topic_incarnations i on i.stream = r.topic
+        """,
+        {"t": topic, "s": f"{topic}{INCARNATION_SEPARATOR}", "known": bool(known)},
+    ).fetchone()
+    problems = []
+    if now is None and known:
+        problems.append(
+            f"Kafka's {topic} has topic id {kafka_id}, but the ledger holds "
+            f"{', '.join(i.topic_id for i in known)}: the topic was deleted and re-created "
+            "since planning last ran (which lands the new incarnation as a stream of its own)"
+        )
+    if mismatched:
+        problems.append(f"{mismatched} plan/ledger row(s) carry another topic id than their stream")
+    if unregistered:
+        problems.append(f"{unregistered} plan/ledger row(s) of unregistered streams")
+    if now is None:
+        detail = f"{topic}: topic id {kafka_id}, not planned since topic ids are recorded"
+    else:
+        detail = f"{topic}: topic id {kafka_id}, stream {now.stream}" + "".join(
+            f"; retired: {i.stream} ({i.topic_id})" for i in known if i.stream != now.stream
+        )
+
+    stream = topic if now is None else now.stream
+    progress = store.topic_progress(conn, stream)
+    parts = kafka_source.partitions(consumer, topic)
+    marks = kafka_source.watermarks(consumer, topic, parts)
+    behind = [
+        str(b)
+        for b in incarnations.log_behind(
+            {p: progress.frontier(p) for p in progress.partitions()},
+            {p: high for p, (_, high) in marks.items()},
+        )
+    ]
+    for p, (offset, owner) in sorted(kafka_source.committed_by(consumer, topic, parts).items()):
+        if offset is not None and offset > marks[p][1]:
+            behind.append(f"partition {p}: committed {offset}, past the log end {marks[p][1]}")
+        elif offset is not None and owner is not None and owner != kafka_id:
+            behind.append(f"partition {p}: committed {offset} for incarnation {owner}")
+    lost = lost_to_recreation(conn, topic, None if now is None else now.stream)
+    return [
+        Check("topic ids match the ledger", not problems, "; ".join(problems) or detail),
+        Check(
+            "ledger within Kafka's log",
+            not behind,
+            "; ".join(behind) or f"{stream}: ledger and commits within the log on every partition",
+        ),
+        Check(
+            "nothing lost to a re-created topic",
+            not lost,
+            lost_message(lost) if lost else "no retired stream left offsets unlanded",
+        ),
+    ]
+
+
+def _incarnations_recorded(conn: psycopg.Connection) -> bool:
+    return conn.execute("select to_regclass('raw.topic_incarnations') is not null").fetchone()[0]
+
+
 def mart_checks(conn: psycopg.Connection, schema: str) -> list[Check]:
     exists = conn.execute(
         "select to_regclass(%s) is not null, to_regclass(%s) is not null",
@@ -383,6 +467,14 @@ def _keys_twice(conn: psycopg.Connection, schema: str, table: str, key: str) -> 
     return conn.execute(query).fetchone()[0]
 
 
+def current_stream(conn: psycopg.Connection, consumer, topic: str) -> str:
+    """The stream whose rows and commits the other checks look at: the topic's current one."""
+    if not _incarnations_recorded(conn):
+        return topic
+    _, now = current_incarnation(conn, consumer, topic)
+    return topic if now is None else now.stream
+
+
 def verify(
     dsn: str, bootstrap: str, topic: str, group: str, schema: str
 ) -> tuple[list[Check], int]:
@@ -390,6 +482,10 @@ def verify(
     with session.connect(dsn, read_only=True) as conn:
         consumer = kafka_source.open_consumer(bootstrap, group)
         try:
+            # the checks of stored rows and commits look at the topic's current stream (its
+            # name differs from the topic's once the topic was re-created)
+            kafka = topic
+            topic = current_stream(conn, consumer, topic)
             held = ledger_holdings(conn, topic)
             checks = (
                 storage_checks(conn, topic, held)
@@ -398,6 +494,7 @@ def verify(
             )
             k_checks, lag = kafka_checks(conn, consumer, topic)
             checks += k_checks + mart_checks(conn, schema)
+            checks += topic_checks(conn, consumer, kafka)
         finally:
             consumer.close()
     return checks, lag

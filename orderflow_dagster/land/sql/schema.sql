@@ -297,3 +297,40 @@ alter table raw.ingest_ledger add column if not exists log_start_offset bigint;
 -- Kafka deleted before they landed. Such a row holds no record; each of its offsets has one
 -- `lost` row in audit.ingest_log, and its log_start_offset is at or past its end.
 alter table raw.ingest_ledger add column if not exists acknowledged_loss text;
+
+-- Topic incarnations. A Kafka topic deleted and created again restarts its offsets under a new
+-- topic id; the ledger must never take the new log's offsets for the old one's. Every incarnation
+-- planning sees is registered here with the stream its rows are stored under: the bare topic for
+-- the first, `<topic>@<topic id>` for a later one (Kafka topic names cannot hold '@'), so that
+-- the coordinates (topic, kafka_partition, kafka_offset) of raw rows, the ledger, the audit and
+-- the marts never mix incarnations. See orderflow_dagster/land/incarnations.py.
+create table if not exists raw.topic_incarnations (
+    stream           text        primary key,
+    topic            text        not null,
+    -- Kafka's topic id, as kafka-topics.sh --describe prints it
+    topic_id         text        not null,
+    seq              bigint      generated always as identity,
+    reason           text        not null,
+    registered_at    timestamptz not null default now(),
+    -- per partition, the greatest log end planning saw: what a retired stream had in Kafka
+    high_watermarks  jsonb
+);
+create index if not exists topic_incarnations_topic on raw.topic_incarnations (topic, seq);
+
+-- The topic id each range was planned and landed under (null: before topic ids were recorded).
+alter table raw.ingest_plan add column if not exists topic_id text;
+alter table raw.ingest_ledger add column if not exists topic_id text;
+
+-- A writer that gives no topic id (an acknowledged loss, a replay) records its stream's own.
+create or replace function raw.fill_topic_id() returns trigger language plpgsql as $$
+begin
+    if new.topic_id is null then
+        select i.topic_id into new.topic_id from raw.topic_incarnations i where i.stream = new.topic;
+    end if;
+    return new;
+end
+$$;
+create or replace trigger ingest_ledger_topic_id before insert on raw.ingest_ledger
+    for each row execute function raw.fill_topic_id();
+create or replace trigger ingest_plan_topic_id before insert on raw.ingest_plan
+    for each row execute function raw.fill_topic_id();
