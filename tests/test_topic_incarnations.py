@@ -233,23 +233,30 @@ def test_ranges_of_the_old_incarnation_are_refused_and_their_offsets_reported_un
         lost_offsets = {(r.partition, o) for r in lost for o in range(r.start, r.end)}
         assert len(lost_offsets) == 30 - landed.size
         assert {(orphan.partition, o) for o in range(orphan.start, orphan.end)} <= lost_offsets
-        # an acknowledgement is a ledger row covering the lost offsets (its topic id is the
-        # stream's own: the ledger fills it in)
-        for r in lost:
-            conn.execute(
-                "insert into raw.ingest_ledger (topic, kafka_partition, start_offset, end_offset,"
-                " partition_key, messages_read, rows_landed, dead_letters, already_landed,"
-                " run_id) values (%s, %s, %s, %s, %s, 0, 0, 0, 0, 'acknowledged')",
-                (r.topic, r.partition, r.start, r.end, r.key),
-            )
+    # the operator acknowledges them with the command the refusal names: a dry run first,
+    # then --yes; the old stream is the bare topic name, the records it lost are all gone
+    dry = orderflow("ack-loss", "--topic", topic, "--reason", "topic re-created", env=env)
+    assert f"would acknowledge {len(lost_offsets)} offset(s)" in dry.stdout, dry.stdout
+    with services(env) as (conn, consumer):
         assert (
             conn.execute(
-                "select count(*) from raw.ingest_ledger where run_id = 'acknowledged'"
+                "select count(*) from raw.ingest_ledger where acknowledged_loss is not null"
+            ).fetchone()[0]
+            == 0
+        )
+    done = orderflow("ack-loss", "--topic", topic, "--reason", "topic re-created", "--yes", env=env)
+    assert f"acknowledged {len(lost_offsets)} offset(s)" in done.stdout, done.stdout
+    with services(env) as (conn, consumer):
+        # its ledger rows carry the old stream's topic id (the ledger fills it in)
+        assert (
+            conn.execute(
+                "select count(*) from raw.ingest_ledger where acknowledged_loss is not null"
                 " and topic_id is distinct from %s",
                 (old_id,),
             ).fetchone()[0]
             == 0
         )
+        assert planned_or_seen_lost(conn, topic) == []
     assert orderflow("verify", env=env).returncode == 0
     assert orderflow("catch-up", "--no-dbt", env=env).returncode == 0
 

@@ -38,8 +38,9 @@ import psycopg
 
 from orderflow_dagster import settings
 from orderflow_dagster.land import kafka_source, session, store
-from orderflow_dagster.land.landing import repair_kafka_commit
-from orderflow_dagster.land.ranges import OffsetRange, uncovered
+from orderflow_dagster.land.landing import repair_kafka_commits
+from orderflow_dagster.land.planner import current_incarnation
+from orderflow_dagster.land.ranges import OffsetRange, kafka_topic, uncovered
 
 OUTCOME_LOST = "lost"
 EXIT_REFUSED = 1
@@ -128,18 +129,28 @@ def find_losses(
 ) -> list[Loss]:
     """What would be acknowledged for the partitions of `until` (all of the topic's if empty),
     read under the topic's planning lock and each partition's landing lock: call inside a
-    transaction, which the locks last for."""
-    parts = kafka_source.partitions(consumer, topic)
+    transaction, which the locks last for.
+
+    `topic` is a stream: the topic's bare name, or `<topic>@<topic id>` for a later incarnation
+    of a re-created topic. A stream whose incarnation is no longer Kafka's current one (the topic
+    was deleted and re-created) has none of its records left in Kafka: every offset it planned or
+    saw and never landed is lost, as if its log started at the furthest of them."""
+    kafka = kafka_topic(topic)
+    retired = _retired_log_ends(conn, consumer, topic)
+    parts = sorted(retired) if retired is not None else kafka_source.partitions(consumer, kafka)
     unknown = sorted(set(until) - set(parts))
     if unknown:
         raise AckRefusedError(f"{topic} has no partition {unknown} (it has {parts})")
     selected = sorted(until) if until else parts
-    store.lock_topic_for_planning(conn, topic)
+    store.lock_topic_for_planning(conn, kafka)
     progress = store.topic_progress(conn, topic)
     out: list[Loss] = []
     for p in selected:
         store.lock_partition_for_landing(conn, topic, p)
-        log_start = kafka_source.log_start_offset(consumer, topic, p)
+        if retired is not None:
+            log_start = retired[p]
+        else:
+            log_start = kafka_source.log_start_offset(consumer, kafka, p)
         out += losses(
             topic,
             p,
@@ -149,6 +160,26 @@ def find_losses(
             until.get(p),
         )
     return out
+
+
+def _retired_log_ends(conn: psycopg.Connection, consumer, stream: str) -> dict[int, int] | None:
+    """Per partition, the furthest offset a retired stream planned, landed or saw in Kafka; None
+    when `stream` is Kafka's current incarnation (or was never registered as one)."""
+    kafka = kafka_topic(stream)
+    mine = next((i for i in store.incarnations(conn, kafka) if i.stream == stream), None)
+    if mine is None:
+        return None
+    _, now = current_incarnation(conn, consumer, kafka)
+    if now is not None and now.stream == stream:
+        return None
+    progress = store.topic_progress(conn, stream)
+    ends: dict[int, int] = {}
+    for p in progress.partitions() | set(mine.high_watermarks):
+        candidates = [r.end for r in progress.planned.get(p, [])]
+        candidates += [e for _, e in progress.landed.get(p, [])]
+        candidates.append(mine.high_watermarks.get(p, 0))
+        ends[p] = max(candidates)
+    return ends
 
 
 def record(conn: psycopg.Connection, found: Sequence[Loss], reason: str, run_id: str) -> None:
@@ -213,8 +244,10 @@ def acknowledge(
             record(conn, found, reason, run_id)
     if dry_run:
         return found
-    for p in sorted({loss.range.partition for loss in found}):
-        repair_kafka_commit(conn, consumer, topic, p)
+    moved = sorted({loss.range.partition for loss in found})
+    if moved:
+        # only the current stream's commits move; a retired stream's ledger is history
+        repair_kafka_commits(conn, consumer, topic, moved, stream=topic)
     return found
 
 
@@ -259,7 +292,11 @@ def _run(args: argparse.Namespace) -> int:
         store.ensure_schema(conn)
         found = acknowledge(conn, consumer, topic, until, args.reason, dry_run=not args.yes)
         moved = sorted({loss.range.partition for loss in found})
-        committed = kafka_source.committed(consumer, topic, moved) if args.yes and moved else {}
+        committed = (
+            kafka_source.committed(consumer, kafka_topic(topic), moved)
+            if args.yes and moved and _retired_log_ends(conn, consumer, topic) is None
+            else {}
+        )
     except AckRefusedError as exc:
         print(f"ack-loss refused, nothing recorded: {exc}", file=sys.stderr)
         return EXIT_REFUSED
