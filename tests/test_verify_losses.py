@@ -12,10 +12,11 @@ import uuid
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from orderflow_dagster.ingest.generator import generate
-from orderflow_dagster.ingest.kafka_config import consumer_config, producer_config
+from orderflow_dagster.ingest.kafka_config import admin_config, consumer_config, producer_config
+from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.landing import land_range
 from orderflow_dagster.land.planner import plan_ranges
 from orderflow_dagster.serve.verify import loss_checks, mart_checks, storage_checks
@@ -99,8 +100,9 @@ def test_a_landing_that_skipped_offsets_retention_deleted_fails_both_checks(
         delete_records(kafka_bootstrap, topic, victim.partition, victim.start + 3)
         # a consumer built around the guard, resetting to the earliest offset Kafka has, as an
         # auto.offset.reset=earliest override once did: the range lands without its first 3
-        skipping = Consumer(
-            {**consumer_config(kafka_bootstrap, GROUP, extra={}), "auto.offset.reset": "earliest"}
+        skipping = kafka_source.LandingConsumer(
+            {**consumer_config(kafka_bootstrap, GROUP, extra={}), "auto.offset.reset": "earliest"},
+            admin_config(kafka_bootstrap, extra={}),
         )
         try:
             landed = land_range(victim, conn=conn, consumer=skipping, run_id="skipping")
