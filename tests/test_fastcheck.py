@@ -127,7 +127,7 @@ KEYWORDS = {
         "n": {"type": "integer", "minimum": 1},
         "s": {"type": "string", "pattern": "^[A-Z]+$"},
         "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
-        "x": {"type": "number"},
+        "x": {"type": "number", "minimum": 0},
     },
 }
 
