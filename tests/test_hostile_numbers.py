@@ -139,9 +139,12 @@ class Record:
     headers: object
     event_type: str
     breaches: list[Breach]
+    # a second copy of an in-contract event, its numbers spelled otherwise, read by the other
+    # reader: the same content, never a conflict
+    twin: bytes | None = None
 
     def __repr__(self) -> str:
-        return f"Record({self.value[:300]!r}, breaches={self.breaches})"
+        return f"Record({self.value[:300]!r}, breaches={self.breaches}, twin={self.twin!r:.300})"
 
 
 NO_HEADERS = st.none()
@@ -206,7 +209,50 @@ def hostile_record(
     }
     if draw(st.booleans()):  # an unknown envelope field: the thorough reader's turn
         envelope["source"] = "pos"
-    return Record(event_id, order_id, encode(envelope).encode(), draw(headers), event_type, found)
+    twin = None
+    if not found and draw(st.booleans()):
+        # numbers of unknown fields only the thorough reader reads: they stay as they are
+        copy = {
+            **envelope,
+            "payload": {k: v if k == "extra" else respelled(draw, v) for k, v in payload.items()},
+        }
+        if copy.pop("source", None) is None:
+            copy["source"] = "pos"
+        twin = encode(copy).encode()
+    return Record(
+        event_id, order_id, encode(envelope).encode(), draw(headers), event_type, found, twin
+    )
+
+
+def spellings(value: float) -> st.SearchStrategy[str]:
+    """Ways JSON writers spell the number a double holds."""
+    shortest = repr(value)
+    every = [
+        shortest,
+        str(Decimal(value)),  # every digit of the double, as BigDecimal(double) writes it
+        f"{value:.17g}",
+        f"{value:.17e}",
+        f"{value:.17E}",
+    ]
+    if "." in shortest and "e" not in shortest:
+        every.append(shortest + "000")
+    if value.is_integer():
+        every += [str(int(value)), f"{int(value)}.0", f"{int(value)}.00", f"{int(value)}e0"]
+    return st.sampled_from(every)
+
+
+def respelled(draw, value):
+    """`value` with each number literal spelled another way a reader reads alike."""
+    if isinstance(value, Literal):
+        number = as_read(value)
+        if isinstance(number, int) and abs(number) < 2**53:
+            number = float(number)  # every integer a double holds, written either way
+        return Literal(draw(spellings(number))) if isinstance(number, float) else value
+    if isinstance(value, dict):
+        return {k: respelled(draw, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [respelled(draw, v) for v in value]
+    return value
 
 
 def hostile_records(headers: st.SearchStrategy = NO_HEADERS) -> st.SearchStrategy[list[Record]]:
@@ -227,6 +273,8 @@ def produce_records(bootstrap: str, topic: str, records: list[Record]) -> None:
     with EventProducer(bootstrap, topic=topic) as producer:
         for record in records:
             producer.produce_raw(record.value, record.order_id.encode(), None, record.headers)
+            if record.twin is not None:
+                producer.produce_raw(record.twin, record.order_id.encode(), None, record.headers)
 
 
 def read_every_relation(conn: psycopg.Connection, schemas: tuple[str, ...]) -> dict[str, int]:
@@ -275,7 +323,7 @@ def landing(kafka_bootstrap, postgres_dsn, topic, monkeypatch):
 def test_no_number_a_producer_sends_fails_a_build_or_a_read_and_none_is_lost(landing, batch):
     conn, topic = landing.conn, landing.topic
     produce_records(landing.bootstrap, topic, batch)
-    landing.produced += len(batch)
+    landing.produced += sum(1 + (record.twin is not None) for record in batch)
     land_all(conn, landing.consumer, topic, max_events=40)
     run_dbt_build(landing.dsn)  # raises if any model or data test fails
 
@@ -310,12 +358,25 @@ def test_no_number_a_producer_sends_fails_a_build_or_a_read_and_none_is_lost(lan
             "select event_id from analytics.order_items where unit_price is null or qty is null"
         )
     }
+    copies = dict(
+        conn.execute(
+            "select event_id::text, count(distinct content_hash) from analytics.event_copies"
+            " group by event_id having count(*) > 1"
+        ).fetchall()
+    )
+    conflicts = {
+        str(event_id)
+        for (event_id,) in conn.execute("select event_id from analytics.event_id_conflicts")
+    }
     for record in batch:
         shown = record.value[:400]
         if not record.breaches:
             assert record.event_id in landed, shown
             assert money.get(record.event_id) is not None, shown
             assert record.event_id not in unpriced_lines, shown
+            if record.twin is not None:
+                assert copies.get(record.event_id) == 1, (shown, record.twin[:400])
+            assert record.event_id not in conflicts, (shown, record.twin)
             continue
         assert record.event_id in dead, shown
         reason, detail = dead[record.event_id]
