@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 import psycopg
@@ -131,17 +131,20 @@ def breaches(field: str, literal: str, *, quantity: bool) -> list[Breach]:
     return []
 
 
-@dataclass
 class Record:
-    event_id: str
-    order_id: str
-    value: bytes
-    headers: object
-    event_type: str
-    breaches: list[Breach]
-    # a second copy of an in-contract event, its numbers spelled otherwise, read by the other
-    # reader: the same content, never a conflict
-    twin: bytes | None = None
+    """One produced event and what the contract says of it. A plain class: hypothesis prints
+    dataclasses field by field, and a batch of them whole."""
+
+    def __init__(self, event_id, order_id, value, headers, event_type, breaches, twin=None):
+        self.event_id: str = event_id
+        self.order_id: str = order_id
+        self.value: bytes = value
+        self.headers = headers
+        self.event_type: str = event_type
+        self.breaches: list[Breach] = breaches
+        # a second copy of an in-contract event, its numbers spelled otherwise, read by the
+        # other reader: the same content, never a conflict
+        self.twin: bytes | None = twin
 
     def __repr__(self) -> str:
         return f"Record({self.value[:300]!r}, breaches={self.breaches}, twin={self.twin!r:.300})"
@@ -292,16 +295,17 @@ def read_every_relation(conn: psycopg.Connection, schemas: tuple[str, ...]) -> d
     return rows
 
 
-@dataclass
 class Landing:
-    """One topic and database for all examples of a test: each example lands more records."""
+    """One topic and database for all examples of a test: each example lands more records.
+    A plain class whose repr leaves out the DSN, which holds the password."""
 
-    bootstrap: str
-    dsn: str = field(repr=False)  # holds the password
-    topic: str
-    conn: psycopg.Connection
-    consumer: object
-    produced: int = 0
+    def __init__(self, bootstrap: str, dsn: str, topic: str, conn, consumer) -> None:
+        self.bootstrap, self.dsn, self.topic = bootstrap, dsn, topic
+        self.conn, self.consumer = conn, consumer
+        self.produced = 0
+
+    def __repr__(self) -> str:
+        return f"Landing(topic={self.topic!r}, produced={self.produced})"
 
 
 @pytest.fixture
