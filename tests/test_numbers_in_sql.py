@@ -3,9 +3,10 @@
 - dbt's `json_numeric` macro never raises: a value that does not fit numeric(p, s) once
   rounded, or a string numeric's input might refuse, is null; everything else is the rounded
   number, as Postgres' numeric(p, s) rounds it.
-- `raw.canonical_json_text` (landing schema.sql), which content_hash hashes, gives numerically
-  equal JSON one text, leaves strings and integers alone, and leaves jsonb's own text as it is
-  when it holds no number to rewrite (so hashes of such copies never changed).
+- `raw.canonical_json_text` (landing schema.sql), which content_hash hashes, gives one text to
+  every spelling of the same doubles (money's range), so to what the fast and the thorough
+  reader store of one payload; it leaves strings and integers alone, and jsonb's own text as it
+  is when that holds no number to rewrite (such copies hash as plain jsonb text).
 """
 
 from __future__ import annotations

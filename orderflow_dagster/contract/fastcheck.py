@@ -9,10 +9,10 @@ payload never needs. The types generated here answer only "surely valid?", in C:
   fit 64 bits and numbers a double (what orjson, and so the thorough path, can represent), and
   every number literal must be one PostgreSQL's numeric (so jsonb) stores as written. Numeric
   keeps at most 16383 decimals, counted as written: `0e-99999`, `1e-16384` or a fraction of
-  20,000 digits fail the landing's COPY. A literal of a nonzero double has fewer than 324 plus
-  its own length, so the decoder refuses payloads of `MAX_RAW_PAYLOAD_BYTES` or more and, in a
-  number field, zero (any literal that reads as 0.0, however long): the thorough path stores
-  those re-encoded. A number field whose range holds zero between negatives and positives
+  20,000 digits fail the landing's COPY. A nonzero double's literal has fewer decimals than
+  324 plus its own length, so the decoder refuses payloads of `MAX_RAW_PAYLOAD_BYTES` or more
+  and, in a number field, zero (any literal that reads as 0.0, however long): the thorough path
+  stores those re-encoded. A number field whose range holds zero between negatives and positives
   cannot refuse zero that way, and its schema gets no raw decoder.
 - `compile_check` checks an already parsed payload (a dict), where unknown fields are fine.
 
