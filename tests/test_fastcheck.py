@@ -21,6 +21,8 @@ json_values = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
+    # at and beside the contract's bounds
+    | st.sampled_from([0, -0.0, 5e-324, 9999999999.99, 9999999999.990002, 10**10, 10**6, 10**6 + 1])
     | st.sampled_from(["", "USD", "usd", "USD\n", "EURO", "x", "ab"])
     | st.text(max_size=5),
     lambda children: (
@@ -104,6 +106,8 @@ def test_a_payload_the_fast_paths_accept_satisfies_the_schema(key, pick, edits):
     [
         ({"n": 1, "s": "AB"}, True),
         ({"n": 0, "s": "AB"}, False),  # below minimum
+        ({"n": 1001, "s": "AB"}, False),  # above maximum
+        ({"n": 1, "s": "AB", "x": -0.5}, False),  # below minimum
         ({"n": True, "s": "AB"}, False),  # a JSON boolean is not an integer
         ({"n": 2.0, "s": "AB"}, False),  # the schema allows it; the fast check defers to it
         ({"n": 1, "s": "ab"}, False),  # pattern
@@ -124,10 +128,10 @@ KEYWORDS = {
     "type": "object",
     "required": ["n", "s"],
     "properties": {
-        "n": {"type": "integer", "minimum": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": 1000},
         "s": {"type": "string", "pattern": "^[A-Z]+$"},
         "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
-        "x": {"type": "number"},
+        "x": {"type": "number", "minimum": 0},
     },
 }
 
@@ -141,12 +145,37 @@ KEYWORDS = {
         (b'{"n":1,"s":"AB"', "truncated JSON"),
         (b'{"n":1,"s":"AB","other":1}', "an unknown field, which msgspec would skip unread"),
         (b'{"n":1,"s":"AB","tags":[' + b"[" * 2000 + b"]" * 2000 + b"]}", "deep nesting"),
+        # numbers whose literal holds more decimals than jsonb's numeric keeps, or may
+        (b'{"n":1,"s":"AB","x":0e-99999}', "a zero, whose literal may have any scale"),
+        (b'{"n":1,"s":"AB","x":1e-16384}', "a number that reads as zero"),
+        (b'{"n":1,"s":"AB","x":0}', "zero, however written"),
+        (b'{"n":1,"s":"AB","x":1.' + b"1" * 16400 + b"e-5}", "a payload too long to vouch for"),
     ],
 )
 def test_the_raw_decoder_refuses_what_it_cannot_vouch_for(raw, why):
     decode = compile_decoder(KEYWORDS)
     assert decode(b'{"n":1,"s":"AB","x":1e300}') is True
     assert decode(raw) is False, why
+
+
+def test_a_number_the_raw_decoder_cannot_keep_from_zero_gets_no_raw_decoder():
+    """Zero's literal may hold any number of decimals; the decoder can refuse it only when zero
+    is an end of the field's range (or outside it)."""
+    schema = {"type": "object", "properties": {"x": {"type": "number", "minimum": -1}}}
+    assert compile_decoder(schema) is None
+    assert compile_check(schema)({"x": 0.0}) is True  # parsed payloads are re-encoded: fine
+    at_most_zero = {"type": "object", "properties": {"x": {"type": "number", "maximum": 0}}}
+    decode = compile_decoder(at_most_zero)
+    assert decode(b'{"x":-1.5}') is True
+    assert decode(b'{"x":-0.0}') is False and decode(b'{"x":-1e-400}') is False
+    above = {"type": "object", "properties": {"x": {"type": "number", "minimum": 0.5}}}
+    assert compile_decoder(above)(b'{"x":0.5}') is True
+
+
+def test_number_bounds_beyond_exact_double_integers_get_no_fast_check():
+    # an integer near such a bound compares differently as itself and as its double
+    schema = {"type": "object", "properties": {"x": {"type": "number", "maximum": 2**60}}}
+    assert compile_check(schema) is None and compile_decoder(schema) is None
 
 
 def test_a_schema_with_an_unhandled_keyword_gets_no_fast_check():

@@ -4,6 +4,7 @@ the producers generate, and what it refuses the thorough path decides."""
 
 import json
 import re
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from orderflow_dagster.land.landing import _Batch
 from orderflow_dagster.land.parse import Event, parse_event, parse_fast, parse_thorough
 from orderflow_dagster.land.ranges import OffsetRange
 from tests.support import FakeMessage
+from tests.test_hostile_numbers import hostile_record
 
 GENERATED = [
     out.value for out in generate(400, seed=11, poison_rate=0, duplicate_rate=0.05, v2_share=0.5)
@@ -173,3 +175,38 @@ def test_a_gap_takes_the_audit_shortcut_only_when_most_of_its_ids_are_above_the_
     batch.add(FakeMessage(b"not json"))
     assert len(batch.dead) == 1
     assert batch.gap_mostly_above() is shortcut
+
+
+# --- hostile numbers: the bounds of the contract, and what jsonb can store -------------------
+
+
+def number_literals_of(payload_json: str) -> list[str]:
+    found: list[str] = []
+
+    def keep(literal: str) -> float:
+        found.append(literal)
+        return 0.0
+
+    json.loads(payload_json, parse_float=keep, parse_int=keep)
+    return found
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=hostile_record())
+def test_both_readers_hold_every_number_to_the_contract_and_store_only_what_jsonb_holds(record):
+    raw, breaches = record.value, record.breaches
+    fast = assert_agrees(raw)
+    event = parse_event(raw, max_bytes=1 << 20)
+    if not breaches:
+        assert isinstance(event, Event), raw[:300]
+        # numeric keeps at most 16383 decimals as written (10e-16384 has 16384)
+        for literal in number_literals_of(event.payload_json):
+            assert Decimal(literal).as_tuple().exponent >= -16383, literal[:80]
+        return
+    # out of bounds: dead-lettered, whichever reader looked first, naming field and bound
+    assert fast is None, raw[:300]
+    assert not isinstance(event, Event), raw[:300]
+    assert any(b.field in event.detail and b.words in event.detail for b in breaches), (
+        event,
+        breaches,
+    )

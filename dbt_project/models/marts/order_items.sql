@@ -33,8 +33,15 @@ lines as (
         order_created_events.event_at as ordered_at,
         line.position::integer as line_number,
         line.item ->> 'sku' as sku,
+        -- a JSON number is always a numeric; beyond 10^15 (lines landed before the contract
+        -- bounded quantities) it is null, so that line_total stays finite whatever landed
         case
-            when jsonb_typeof(line.item -> 'qty') = 'number' then (line.item ->> 'qty')::numeric
+            when jsonb_typeof(line.item -> 'qty') = 'number'
+                then
+                    case
+                        when abs((line.item -> 'qty')::numeric) < 1e15
+                            then (line.item -> 'qty')::numeric
+                    end
         end as qty,
         {{ json_numeric("line.item -> 'unit_price'") }} as unit_price,
         order_created_events.transformed_at

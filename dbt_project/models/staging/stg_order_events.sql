@@ -28,10 +28,13 @@ renamed as (
         kafka_partition,
         kafka_offset,
         landed_at,
-        -- a copy's content: the envelope fields the producer controls. jsonb text is canonical
-        -- (sorted keys, no insignificant whitespace), so equal payloads hash equally.
+        -- a copy's content: the envelope fields the producer controls. jsonb text sorts keys and
+        -- drops insignificant whitespace, and raw.canonical_json_text (the landing's schema.sql)
+        -- writes numbers without trailing zeros, so numerically equal payloads hash equally.
         md5(
-            jsonb_build_array(event_type, aggregate_id, event_ts_ms, schema_version, payload)::text
+            raw.canonical_json_text(
+                jsonb_build_array(event_type, aggregate_id, event_ts_ms, schema_version, payload)
+            )
         ) as content_hash
 
     from source

@@ -334,3 +334,55 @@ create or replace trigger ingest_ledger_topic_id before insert on raw.ingest_led
     for each row execute function raw.fill_topic_id();
 create or replace trigger ingest_plan_topic_id before insert on raw.ingest_plan
     for each row execute function raw.fill_topic_id();
+
+-- ---------------------------------------------------------------------------------------------
+-- Canonical JSON text of a copy's content, which stg_order_events hashes (content_hash).
+-- jsonb keeps a number as written: 10.50 stays 10.50 beside 10.5. The fast reader stores the
+-- producer's digits, the thorough one the shortest decimal of the double it read (10.5, and 0.1
+-- for 0.1000000000000000055511151231257827), and producers differ too, so copies the readers
+-- read alike would hash differently. In this text every fraction loses its trailing zeros, as
+-- trim_scale does to a numeric (10.50 -> 10.5, 100.0 -> 100), and a fraction of six decimals or
+-- more is the shortest decimal of its nearest double; integers, strings and everything else stay
+-- as they are. Spellings of one double below 10^10 (all money) so get one text: with at most 15
+-- significant digits a decimal is the shortest one of its double already.
+--
+-- Only a text holding such a fraction changes. One regular expression finds one (jsonb's text
+-- writes no exponent, and a number ends at `,`, `]`, `}` or the end of the text); any other text
+-- is returned as it is, so its hash is the one of the plain jsonb text it always was.
+create or replace function raw.canonical_json_number(value numeric) returns numeric
+language sql immutable strict parallel safe
+-- float8's text is its shortest round-trip decimal whenever extra_float_digits > 0
+set extra_float_digits = 1
+as $$
+    select case
+        -- within float8's range: it rounds to neither zero nor infinity
+        when scale(trim_scale(value)) >= 6 and abs(value) between 2.5e-324 and 1e308
+            then trim_scale(value::float8::text::numeric)
+        else trim_scale(value)
+    end
+$$;
+
+create or replace function raw.canonical_json_text(content jsonb) returns text
+language plpgsql immutable strict parallel safe as $$
+declare
+    json_text text := content::text;
+begin
+    if not json_text ~ '\.[0-9]*(0([],}]|$)|[0-9]{6})' then
+        return json_text;
+    end if;
+    -- tokens: a whole string, a number, or a run of anything else (never split in between)
+    return (
+        select string_agg(
+            case
+                when token ~ '^-?[0-9]' then raw.canonical_json_number(token::numeric)::text
+                else token
+            end,
+            '' order by position
+        )
+        from regexp_matches(
+            json_text, '"(?:[^"\\]|\\.)*"|-?[0-9]+(?:\.[0-9]+)?|[^"0-9-]+|-', 'g'
+        ) with ordinality as match (tokens, position)
+        cross join lateral (select match.tokens[1] as token) as matched
+    );
+end
+$$;
