@@ -325,6 +325,93 @@ def landing(kafka_bootstrap, postgres_dsn, topic, monkeypatch):
 )
 @given(batch=hostile_records())
 def test_no_number_a_producer_sends_fails_a_build_or_a_read_and_none_is_lost(landing, batch):
+    land_build_and_check(landing, batch)
+
+
+def explicit(event_type: str, payload: dict, *breached: Breach, twin: dict | None = None):
+    """A record of `payload` (numbers as Literal), which breaks the contract as `breached` says;
+    `twin`: the payload of a second copy, read by the other reader."""
+    event_id, order_id = str(uuid.uuid4()), f"ord-{uuid.uuid4().hex[:12]}"
+    envelope = {
+        "event_id": event_id,
+        "aggregate_id": order_id,
+        "event_type": event_type,
+        "payload": payload,
+        "timestamp": BASE_MS,
+        "schema_version": 1,
+    }
+    copy = None if twin is None else encode({**envelope, "payload": twin, "source": "pos"})
+    return Record(
+        event_id,
+        order_id,
+        encode(envelope).encode(),
+        None,
+        event_type,
+        list(breached),
+        None if copy is None else copy.encode(),
+    )
+
+
+def order(total: str, qty: str = "1", unit_price: str = "1.5") -> dict:
+    item = {"sku": "SKU-0001", "qty": Literal(qty), "unit_price": Literal(unit_price)}
+    return {"customer_id": "c", "order_total": Literal(total), "currency": "EUR", "items": [item]}
+
+
+def payment(amount: str) -> dict:
+    return {"payment_id": "p", "amount": Literal(amount), "currency": "EUR", "method": "card"}
+
+
+ABOVE_MONEY = f"must be smaller than or equal to {MONEY_MAX}"
+
+
+def test_money_beyond_the_marts_is_dead_lettered_and_literals_jsonb_cannot_hold_land_re_encoded(
+    landing,
+):
+    """The contract's own examples: each was a build failing for good, a view no one could
+    read, or a landing's COPY failing on every retry (a stalled partition)."""
+    land_build_and_check(
+        landing,
+        [
+            explicit(
+                "OrderCreated", order("12345678901.5"), Breach("payload.order_total", ABOVE_MONEY)
+            ),
+            explicit(
+                "OrderCreated",
+                order("1", unit_price="1e10"),
+                Breach("payload.items[0].unit_price", ABOVE_MONEY),
+            ),
+            explicit(
+                "OrderCreated",
+                order("1", qty="2.5"),
+                Breach("payload.items[0].qty", "must be integer"),
+            ),
+            explicit(
+                "OrderCreated",
+                order("1", qty="100000000000000000000"),
+                Breach("payload.items[0].qty", f"must be smaller than or equal to {QTY_MAX}"),
+            ),
+            explicit(
+                "PaymentProcessed",
+                payment("-0.01"),
+                Breach("payload.amount", "must be bigger than or equal to 0"),
+            ),
+            explicit("PaymentProcessed", payment("9999999999.99")),
+            explicit("PaymentProcessed", payment("0e-99999")),
+            explicit("PaymentProcessed", payment("1e-16384")),
+            explicit("PaymentProcessed", payment("0." + "0" * 17000 + "1")),
+            explicit(
+                "OrderCreated",
+                order("10.50", unit_price="10.50"),
+                twin=order("10.5", unit_price="10.5"),
+            ),
+        ],
+    )
+
+
+def land_build_and_check(landing: Landing, batch: list[Record]) -> None:
+    """Produce `batch`, land it with the real landing code and build the marts once, then check:
+    every relation reads whole, nothing is lost, each record landed or was dead-lettered as the
+    contract says, in-contract money is never null and copies read alike are no conflict."""
     conn, topic = landing.conn, landing.topic
     produce_records(landing.bootstrap, topic, batch)
     landing.produced += sum(1 + (record.twin is not None) for record in batch)
