@@ -302,9 +302,12 @@ def test_the_incremental_models_read_committed_whatever_the_database_default(
             ).format(sql.Identifier(conn.info.dbname))
         )
     records = [record for batch in scenario(seed=17, n_orders=20) for record in batch]
-    first, second = records[:30], records[30:]
+    first, second, third = records[:30], records[30:50], records[50:]
     insert_records(dbt_dsn, first)
     run_dbt_build(dbt_dsn)
+    # copies order_events has not modelled yet, so that its next run writes rows (and a stamp)
+    insert_records(dbt_dsn, second)
+    dbt_run_only(dbt_dsn, ["event_copies"])
     with psycopg.connect(dbt_dsn, autocommit=True) as conn:
         assert conn.execute("show transaction_isolation").fetchone()[0] == "repeatable read"
         # what a build killed after its commit, before dbt dropped its backup, leaves
@@ -330,7 +333,7 @@ def test_the_incremental_models_read_committed_whatever_the_database_default(
     try:
         _wait_for_lock_wait(dbt_dsn)
         # another invocation's event_copies run, while this one's order_events waits for its turn
-        insert_records(dbt_dsn, second)
+        insert_records(dbt_dsn, third)
         holder.execute(
             sql.SQL(
                 "insert into {copies} select event_id, order_id, content_hash, topic,"
