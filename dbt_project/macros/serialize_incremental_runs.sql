@@ -1,18 +1,17 @@
 {#
-    The pre_hooks of the incremental marts:
-
-        pre_hook=[before_begin("{{ read_committed_session() }}"), "{{ serialize_incremental_runs() }}"]
-
-    serialize_incremental_runs() does three things at the start of the model's transaction:
+    pre_hook of the incremental marts: it starts the model's transaction itself, and in it
 
     1. Read committed, whatever the session's or the database's default: every statement of the
        model then reads what was committed when it began, so the model's statements, which run
        after step 2, see every run that committed before this one got its turn. Under repeatable
        read the snapshot would be taken by the first query, before the lock wait, and would miss
        a run that committed during the wait although this run stamps its rows later. SET
-       TRANSACTION is only legal before the transaction's first query: read_committed_session(),
-       run before dbt begins the model's transaction, ends whatever dbt ran before (it drops the
-       relations a killed build left behind in the same transaction otherwise).
+       TRANSACTION would fail when dbt has already read in the transaction it opened (it drops
+       the relations a killed build left behind there), so the hook commits what dbt ran before
+       it and begins the transaction with the isolation level it needs; dbt's own COMMIT or
+       ROLLBACK then ends that one. (A before_begin hook cannot do it: after its COMMIT, dbt's
+       psycopg2 connection believes a transaction is still open and runs every later statement
+       of the model in a transaction of its own.)
     2. A transaction-scoped advisory lock, one for the whole project, so two overlapping dbt
        invocations (a Dagster run and `orderflow catch-up`, say) run the incremental models one
        after the other instead of interleaving. The models stamp their rows with
@@ -28,18 +27,10 @@
     the run's time is clock_timestamp().
 #}
 {% macro serialize_incremental_runs() -%}
-    set transaction isolation level read committed;
+    commit;
+    begin isolation level read committed;
     select pg_advisory_xact_lock(hashtext('orderflow.dbt.incremental_marts'));
     {{ record_incremental_run() }}
-{%- endmacro %}
-
-
-{#-
-    before_begin hook: dbt commits what it ran on the connection before it (see run_hooks), then
-    this makes read committed the default of the session's next transactions.
--#}
-{% macro read_committed_session() -%}
-    set session characteristics as transaction isolation level read committed
 {%- endmacro %}
 
 

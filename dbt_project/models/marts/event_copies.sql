@@ -20,10 +20,7 @@
         materialized='incremental',
         incremental_strategy='append',
         on_schema_change='fail',
-        pre_hook=[
-            before_begin("{{ read_committed_session() }}"),
-            "{{ serialize_incremental_runs() }}",
-        ],
+        pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
             {'columns': ['event_id', 'content_hash']},
             {'columns': ['transformed_at']},

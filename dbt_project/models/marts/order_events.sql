@@ -22,10 +22,7 @@
         incremental_strategy='delete+insert',
         unique_key='event_id',
         on_schema_change='fail',
-        pre_hook=[
-            before_begin("{{ read_committed_session() }}"),
-            "{{ serialize_incremental_runs() }}",
-        ],
+        pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
             {'columns': ['order_id', 'event_ts_ms desc', 'event_id desc', 'event_type']},
             {'columns': ['transformed_at']},

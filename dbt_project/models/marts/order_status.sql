@@ -18,10 +18,7 @@
         incremental_strategy='replace_orders',
         unique_key='order_id',
         on_schema_change='fail',
-        pre_hook=[
-            before_begin("{{ read_committed_session() }}"),
-            "{{ serialize_incremental_runs() }}",
-        ],
+        pre_hook="{{ serialize_incremental_runs() }}",
         indexes=[
             {'columns': ['updated_at']},
         ],
