@@ -34,6 +34,7 @@ from orderflow_dagster.transform.dbt import run_dbt_build
 from tests.support import invariants, mart_duplicates
 from tests.test_dbt_models import ANALYTICS, STAGING, assert_marts_match_oracle, snapshot_marts
 from tests.test_landing import connections
+from tests.test_schema_upgrade import PREVIOUS_SCHEMA
 
 # Small enough that main's incremental read (landed_at within this of the newest copy modelled)
 # passes over a landing that waited a few seconds; the models no longer have such a window.
@@ -322,3 +323,30 @@ def test_an_event_whose_winning_copy_moves_to_another_order_leaves_both_orders_e
     )
     assert (produced - stored, coordinates_twice, absent, twice) == (0, 0, 0, 0)
     assert_marts_exact(postgres_dsn)
+
+
+def test_rows_landed_before_the_upgrade_get_a_commit_order_in_place_and_reach_the_marts(
+    postgres_dsn, marts_env
+):
+    """The column every commit-order read relies on is added without rewriting raw (the rows
+    already there share the migration's transaction id, committed before any build since), the
+    schema applies again without error, and the next build models the old rows."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(PREVIOUS_SCHEMA.read_text())
+        conn.execute(
+            "insert into raw.order_events (topic, kafka_partition, kafka_offset, event_id,"
+            " aggregate_id, event_type, schema_version, event_ts_ms, payload, run_id)"
+            " select 'legacy.events', 0, n, gen_random_uuid(), 'ord-' || n, 'OrderCancelled', 1,"
+            " 0, '{\"reason\": \"r\"}', 'old-run' from generate_series(0, 99) n"
+        )
+        storage = conn.execute("select pg_relation_filenode('raw.order_events')").fetchone()[0]
+        store.ensure_schema(conn)
+        conn.execute(store.schema_sql())  # applied once more: every statement is idempotent
+        assert conn.execute("select pg_relation_filenode('raw.order_events')").fetchone()[0] == (
+            storage
+        )
+        assert conn.execute(
+            "select count(*), count(distinct xact_id), count(xact_id) from raw.order_events"
+        ).fetchone() == (100, 1, 100)
+    run_dbt_build(postgres_dsn)
+    assert_marts_match_oracle(postgres_dsn, raw_records(postgres_dsn))
