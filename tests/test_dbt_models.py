@@ -8,7 +8,11 @@ inserts raw rows and runs `dbt build` through `run_dbt_build`, as `orderflow cat
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,6 +22,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
+from hypothesis import strategies as st
 from oracle import (
     ORDER_STATUS_COLUMNS,
     ORDER_STATUS_HISTORY_COLUMNS,
@@ -32,7 +38,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orderflow_dagster.transform.dbt import DBT_PROJECT_DIR, dbt_env_from_dsn, run_dbt_build
+from orderflow_dagster.transform.dbt import (
+    DBT_PROJECT_DIR,
+    dbt_env_from_dsn,
+    dbt_executable,
+    run_dbt_build,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_SQL = REPO / "orderflow_dagster" / "land" / "sql" / "schema.sql"
@@ -203,10 +214,11 @@ def test_incremental_rounds_match_oracle_and_full_refresh(dbt_dsn: str) -> None:
     assert {"web", "mobile"} <= {row["channel"] for row in channels}
 
 
-def test_late_commit_inside_lookback_is_picked_up(dbt_dsn: str) -> None:
-    """A landing transaction that started before rows already modelled, but committed after the
-    last build, is read by the next incremental build as long as it is within landing_lookback;
-    an older one needs a wider lookback (or a full refresh)."""
+def test_rows_committed_after_a_build_are_modelled_whatever_their_landed_at(dbt_dsn: str) -> None:
+    """event_copies reads raw by commit order: rows committed after a build are read by the next
+    incremental build, however far their landed_at (their transaction's start) lies behind what
+    was modelled before. Without a recorded read (incremental_runs dropped) a build reads raw
+    whole again, and a full refresh agrees."""
     landed_so_far = [record for batch in scenario(seed=11, n_orders=20) for record in batch]
     newest = max(record["landed_at"] for record in landed_so_far)
     offsets = next_offsets(landed_so_far)
@@ -223,25 +235,32 @@ def test_late_commit_inside_lookback_is_picked_up(dbt_dsn: str) -> None:
     run_dbt_build(dbt_dsn)
     assert_marts_match_oracle(dbt_dsn, landed_so_far)
 
-    # Committed after that build, by transactions that started before first_seen's: another
-    # version of its event (so it becomes the winner) and a cancellation of its order.
-    late = first_seen["landed_at"] - timedelta(minutes=5)
+    # Committed after that build, by transactions that started before first_seen's (minutes,
+    # days): another version of its event (so it becomes the winner), a cancellation of its
+    # order, and a new order.
     late_version = landed(
         {**created, "payload": {**created["payload"], "order_total": "1.23"}},
         topic=TOPIC,
         kafka_partition=0,
         kafka_offset=offsets.take(0),
-        landed_at=late,
+        landed_at=first_seen["landed_at"] - timedelta(minutes=5),
     )
     cancel = landed(
         _envelope("ord-late", "OrderCancelled", BASE_EVENT_MS + 1, {"reason": "late"}),
         topic=TOPIC,
         kafka_partition=1,
         kafka_offset=offsets.take(1),
-        landed_at=late,
+        landed_at=first_seen["landed_at"] - timedelta(days=2),
     )
-    insert_records(dbt_dsn, [late_version, cancel])
-    landed_so_far += [late_version, cancel]
+    much_later = landed(
+        _envelope("ord-days-late", "OrderCreated", BASE_EVENT_MS, {"customer_id": "cust-0001"}),
+        topic=TOPIC,
+        kafka_partition=3,
+        kafka_offset=offsets.take(3),
+        landed_at=first_seen["landed_at"] - timedelta(days=30),
+    )
+    insert_records(dbt_dsn, [late_version, cancel, much_later])
+    landed_so_far += [late_version, cancel, much_later]
     run_dbt_build(dbt_dsn)
     assert_marts_match_oracle(dbt_dsn, landed_so_far)
     [row] = fetch(
@@ -250,21 +269,216 @@ def test_late_commit_inside_lookback_is_picked_up(dbt_dsn: str) -> None:
     )
     assert row == {"status": "cancelled", "order_total": Decimal("1.23")}
 
-    # Two hours behind: outside the default 15 minutes, so an incremental build misses it...
-    too_late = landed(
-        _envelope("ord-too-late", "OrderCreated", BASE_EVENT_MS, {"customer_id": "cust-0001"}),
+    # The record of past reads lost: the next build reads raw whole, appends what is missing.
+    with psycopg.connect(dbt_dsn) as conn:
+        conn.execute(sql.SQL("drop table {}").format(sql.Identifier(ANALYTICS, "incremental_runs")))
+    again = landed(
+        _envelope("ord-after-drop", "OrderCreated", BASE_EVENT_MS, {"customer_id": "cust-0002"}),
         topic=TOPIC,
-        kafka_partition=2,
-        kafka_offset=offsets.take(2),
-        landed_at=first_seen["landed_at"] - timedelta(hours=2),
+        kafka_partition=0,
+        kafka_offset=offsets.take(0),
+        landed_at=BASE_LANDED_AT - timedelta(days=1),
     )
-    insert_records(dbt_dsn, [too_late])
+    insert_records(dbt_dsn, [again])
+    landed_so_far.append(again)
     run_dbt_build(dbt_dsn)
-    assert "ord-too-late" not in order_ids(dbt_dsn)
-    # ...a build with a wider lookback (or a full refresh) picks it up.
-    landed_so_far.append(too_late)
-    run_dbt_build(dbt_dsn, dbt_vars={"landing_lookback": "3 hours"})
     assert_marts_match_oracle(dbt_dsn, landed_so_far)
+    incremental = snapshot_marts(dbt_dsn)
+    run_dbt_build(dbt_dsn, full_refresh=True)
+    assert snapshot_marts(dbt_dsn) == incremental
+
+
+def test_the_incremental_models_read_committed_whatever_the_database_default(
+    dbt_dsn: str,
+) -> None:
+    """With repeatable read as the database's default, an order_events run that waits for the
+    project's lock while another invocation's event_copies run commits still reads those copies:
+    its statements take their snapshot after the wait, as its stamp is taken after it. Also when
+    dbt first drops relations a killed build left behind."""
+    with psycopg.connect(dbt_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "alter database {} set default_transaction_isolation = 'repeatable read'"
+            ).format(sql.Identifier(conn.info.dbname))
+        )
+    records = [record for batch in scenario(seed=17, n_orders=20) for record in batch]
+    first, second, third = records[:30], records[30:50], records[50:]
+    insert_records(dbt_dsn, first)
+    run_dbt_build(dbt_dsn)
+    # copies order_events has not modelled yet, so that its next run writes rows (and a stamp)
+    insert_records(dbt_dsn, second)
+    dbt_run_only(dbt_dsn, ["event_copies"])
+    with psycopg.connect(dbt_dsn, autocommit=True) as conn:
+        assert conn.execute("show transaction_isolation").fetchone()[0] == "repeatable read"
+        # what a build killed after its commit, before dbt dropped its backup, leaves
+        for model in ("event_copies", "order_events"):
+            conn.execute(
+                sql.SQL("create table {} (x integer)").format(
+                    sql.Identifier(ANALYTICS, f"{model}__dbt_backup")
+                )
+            )
+
+    holder = psycopg.connect(dbt_dsn, autocommit=True)
+    holder.execute("select pg_advisory_lock(hashtext('orderflow.dbt.incremental_marts'))")
+    failures: list[BaseException] = []
+
+    def build_order_events() -> None:
+        try:
+            dbt_run_only(dbt_dsn, ["order_events"])
+        except BaseException as exc:  # re-raised below, in the test's thread
+            failures.append(exc)
+
+    waiting = threading.Thread(target=build_order_events)
+    waiting.start()
+    try:
+        _wait_for_lock_wait(dbt_dsn)
+        # another invocation's event_copies run, while this one's order_events waits for its turn
+        insert_records(dbt_dsn, third)
+        holder.execute(
+            sql.SQL(
+                "insert into {copies} select event_id, order_id, content_hash, topic,"
+                " kafka_partition, kafka_offset, landed_at, statement_timestamp() from {staged} s"
+                " where not exists (select from {copies} c where c.topic = s.topic"
+                " and c.kafka_partition = s.kafka_partition and c.kafka_offset = s.kafka_offset)"
+            ).format(
+                copies=sql.Identifier(ANALYTICS, "event_copies"),
+                staged=sql.Identifier(STAGING, "stg_order_events"),
+            )
+        )
+    finally:
+        holder.close()
+        waiting.join(timeout=300)
+    if failures:
+        raise failures[0]
+    run_dbt_build(dbt_dsn)
+    assert_marts_match_oracle(dbt_dsn, records)
+
+
+def dbt_run_only(dsn: str, models: Sequence[str]) -> None:
+    """`dbt run` of `models` alone, without their tests or the models after them: what a build
+    that failed after them leaves (the tests of order_events expect order_status built too)."""
+    target = DBT_PROJECT_DIR / "target" / "dbt_run_only"
+    args = ["run", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    done = subprocess.run(
+        [dbt_executable(), *args, "--select", *models],
+        cwd=DBT_PROJECT_DIR,
+        env={
+            **os.environ,
+            **dbt_env_from_dsn(dsn),
+            "DBT_TARGET_PATH": str(target),
+            "DBT_LOG_PATH": str(target),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def _wait_for_lock_wait(dsn: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            if conn.execute(
+                "select exists (select from pg_locks where locktype = 'advisory'"
+                " and not granted and database = (select oid from pg_database"
+                " where datname = current_database()))"
+            ).fetchone()[0]:
+                return
+            time.sleep(0.1)
+    raise AssertionError("no dbt model started waiting for the lock")
+
+
+# events of the hypothesis test below: each index a fixed event, which copies may assign to any
+# of a few orders, in any landing order
+MOVING_EVENT_TYPES = [
+    "OrderCreated",
+    "PaymentProcessed",
+    "ItemShipped",
+    "OrderDelivered",
+    "OrderCancelled",
+]
+MOVING_ORDERS = ["ord-m-0", "ord-m-1", "ord-m-2", "ord-m-3"]
+# (event index, order index, landed_at in minutes from BASE_LANDED_AT, partition)
+copies_strategy = st.lists(
+    st.tuples(
+        st.integers(0, len(MOVING_EVENT_TYPES) - 1),
+        st.integers(0, len(MOVING_ORDERS) - 1),
+        st.integers(-60, 60),
+        st.integers(0, PARTITIONS - 1),
+    ),
+    min_size=1,
+    max_size=6,
+)
+# what each round builds: everything, or only the first models, as a build that failed midway
+build_strategy = st.sampled_from(["all", "event_copies order_events", "event_copies", "nothing"])
+
+
+def _moving_copy(event: int, order: int) -> dict[str, Any]:
+    event_type = MOVING_EVENT_TYPES[event]
+    return {
+        "event_id": str(uuid.UUID(int=0xE0 + event)),
+        "aggregate_id": MOVING_ORDERS[order],
+        "event_type": event_type,
+        "payload": payload_for(random.Random(event), event_type, event),
+        "timestamp": BASE_EVENT_MS + 1000 * event,
+        "schema_version": 1,
+    }
+
+
+@pytest.mark.slow
+@seed(int(os.environ.get("ORDERFLOW_TEST_MOVES_SEED", "4")))
+@settings(
+    max_examples=int(os.environ.get("ORDERFLOW_TEST_MOVES_EXAMPLES", "3")),
+    deadline=None,
+    phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(rounds=st.lists(st.tuples(copies_strategy, build_strategy), min_size=1, max_size=4))
+@example(
+    # event 0 moves ord-0 -> ord-1 (a build stops after order_events) -> ord-2; event 2 leaves
+    # ord-3, its only order's event, and event 1 keeps ord-0 alive
+    rounds=[
+        ([(0, 0, 0, 0), (1, 0, 1, 1), (2, 3, 0, 2)], "all"),
+        ([(0, 1, -10, 2)], "event_copies order_events"),
+        ([(0, 2, -20, 3), (2, 2, -30, 1)], "all"),
+    ]
+)
+def test_the_marts_equal_a_full_refresh_whatever_order_copies_commit_in(
+    dbt_dsn: str, rounds: list[tuple[list[tuple[int, int, int, int]], str]]
+) -> None:
+    """Copies of a few events, naming different orders, commit in rounds with arbitrary landed_at
+    (a copy ordered first may commit last, so a winner moves between orders, any number of
+    times); each round is followed by a whole build, a build that stops after event_copies or
+    order_events (as a failed build would), or none. After every whole build, and at the end,
+    the marts equal the oracle; a full refresh changes nothing."""
+    _reset_schemas(dbt_dsn)
+    run_dbt_build(dbt_dsn)  # seeds and views exist, as after any earlier build
+    offsets = PartitionOffsets()
+    landed_so_far: list[dict[str, Any]] = []
+    for copies, build in rounds:
+        batch = [
+            landed(
+                _moving_copy(event, order),
+                topic=TOPIC,
+                kafka_partition=partition,
+                kafka_offset=offsets.take(partition),
+                landed_at=BASE_LANDED_AT + timedelta(minutes=minutes),
+            )
+            for event, order, minutes, partition in copies
+        ]
+        insert_records(dbt_dsn, batch)
+        landed_so_far += batch
+        if build == "all":
+            run_dbt_build(dbt_dsn)
+            assert_marts_match_oracle(dbt_dsn, landed_so_far)
+        elif build != "nothing":
+            dbt_run_only(dbt_dsn, build.split())
+    run_dbt_build(dbt_dsn)
+    assert_marts_match_oracle(dbt_dsn, landed_so_far)
+    incremental = snapshot_marts(dbt_dsn)
+    run_dbt_build(dbt_dsn, full_refresh=True)
+    assert snapshot_marts(dbt_dsn) == incremental
 
 
 def test_keys_are_constraints_and_tests_check_the_latest_run(dbt_dsn: str) -> None:

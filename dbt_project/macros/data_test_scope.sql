@@ -22,9 +22,11 @@
                                            it (not, say, all the rows of the last full refresh)
       written_in_latest_run(stamp, model)  the same, the newest `stamp` of `model`, in the tested
                                            relation's schema (for a view over that model)
-      landed_within_lookback(column)       rows landed within var('landing_lookback') of the
-                                           newest landing in raw.ingest_ledger: the window the
-                                           incremental models read again on every run
+      unread_by_event_copies(column)       raw rows whose transaction (`column`, their xact_id)
+                                           had not committed in the snapshot event_copies last
+                                           recorded: what its next run reads. In a `dbt build`
+                                           the staging tests run before event_copies, so these
+                                           are the rows this build models
       full_check_only()                    no rows in a routine build, every row in a full check:
                                            for a view that cannot be checked in part, whose
                                            test guards what holds by construction
@@ -61,13 +63,45 @@
 {%- endmacro %}
 
 
-{#- The same for landed_within_lookback(): the newest landing minus var('landing_lookback'). -#}
-{% macro landing_window_bound() -%}
-    {%- set newest_landing -%}
-        select max(landed_at) - interval '{{ var("landing_lookback") }}'
-        from {{ source('raw', 'ingest_ledger') }}
+{#-
+    The condition behind unread_by_event_copies(): `column` at or past the recorded snapshot's
+    xmax, or one of the transactions running then, as literals (see latest_write_bound); `true`
+    in a full check, or when event_copies has recorded no run yet (it then reads everything).
+-#}
+{% macro unread_by_event_copies(column) -%}
+    {%- if data_tests_check_all() or not execute -%}
+        {{ return('true') }}
+    {%- endif -%}
+    {#- event_copies' schema, from the graph: a ref() here would be a dependency the test lacks -#}
+    {%- set event_copies = graph.nodes.values() | selectattr('resource_type', 'equalto', 'model')
+        | selectattr('name', 'equalto', 'event_copies') | first -%}
+    {%- set runs = api.Relation.create(
+        database=event_copies.database, schema=event_copies.schema, identifier='incremental_runs'
+    ) -%}
+    {%- set exists_query -%}
+        select to_regclass('{{ runs.schema }}.{{ runs.identifier }}') is not null
     {%- endset -%}
-    {{ return(scope_bound(newest_landing)) }}
+    {%- if not run_query(exists_query).columns[0].values()[0] -%}
+        {{ return('true') }}
+    {%- endif -%}
+    {%- set snapshot_query -%}
+        select pg_snapshot_xmax(read_snapshot)::text,
+               array_to_string(array(select pg_snapshot_xip(read_snapshot)::text), ',')
+        from {{ runs }}
+        where model = 'event_copies'
+        order by id desc
+        limit 1
+    {%- endset -%}
+    {%- set recorded = run_query(snapshot_query) -%}
+    {%- if recorded.rows | length == 0 -%}
+        {{ return('true') }}
+    {%- endif -%}
+    {%- set xmax, running = recorded.rows[0][0], recorded.rows[0][1] -%}
+    {%- set condition = column ~ ' >= ' ~ xmax -%}
+    {%- if running -%}
+        {%- set condition = condition ~ ' or ' ~ column ~ ' in (' ~ running ~ ')' -%}
+    {%- endif -%}
+    {{ return('(' ~ condition ~ ')') }}
 {%- endmacro %}
 
 
@@ -105,10 +139,11 @@
         ) -%}
     {%- endfor -%}
 
-    {%- for column in re.findall('landed_within_lookback\(\s*(\w+)\s*\)', where) -%}
-        {%- set bound = landing_window_bound() -%}
+    {%- for column in re.findall('unread_by_event_copies\(\s*(\w+)\s*\)', where) -%}
         {%- set expanded.where = re.sub(
-            'landed_within_lookback\(\s*' ~ column ~ '\s*\)', column ~ ' >= ' ~ bound, expanded.where
+            'unread_by_event_copies\(\s*' ~ column ~ '\s*\)',
+            unread_by_event_copies(column),
+            expanded.where
         ) -%}
     {%- endfor -%}
 

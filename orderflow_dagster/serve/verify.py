@@ -15,6 +15,9 @@ Checks, for the configured topic:
   dead_lettered per dead letter) and one `landed` row at most per event_id;
 - the marts hold no event_id twice and one order_status row per order (if dbt has run; both
   marts or neither);
+- every raw row reached event_copies and its event_id order_events, and every order with events
+  in order_events has an order_status row: as far as each model's last completed run could see
+  (a build in progress, or rows landed since, are no failure);
 - topic ids match the ledger: Kafka's incarnation of the topic is the registered one, and every
   plan and ledger row carries its stream's topic id; the current stream's ledger and committed
   offsets lie within Kafka's log; no offset a re-created topic took with it is unacknowledged.
@@ -456,7 +459,94 @@ def mart_checks(conn: psycopg.Connection, schema: str) -> list[Check]:
     return [
         Check("no event_id twice in the marts", dup_events == 0, f"{dup_events} duplicated"),
         Check("one order_status row per order", dup_orders == 0, f"{dup_orders} duplicated"),
+        raw_rows_reached_the_marts(conn, schema),
+        orders_with_events_have_a_status(conn, schema),
     ]
+
+
+def _relation_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    return conn.execute(
+        "select to_regclass(format('%%I.%%I', %s::text, %s::text)) is not null", (schema, table)
+    ).fetchone()[0]
+
+
+def raw_rows_reached_the_marts(conn: psycopg.Connection, schema: str) -> Check:
+    """Every raw row the last event_copies run could see (visible in the snapshot it recorded)
+    is in event_copies, and every copy the last order_events run could see (appended before that
+    run got its turn) has its event_id in order_events. Rows landed since, or a build still in
+    progress, are not counted. One statement, so one snapshot of all three tables."""
+    name = "every raw row reached the marts"
+    if not _relation_exists(conn, schema, "event_copies"):
+        return Check(name, True, "event_copies not built yet")
+    if not _relation_exists(conn, schema, "incremental_runs"):
+        return Check(name, True, "no dbt run recorded yet")
+    query = sql.SQL(
+        """
+        with
+        copies_read as materialized (
+            select (select read_snapshot from {runs} where model = 'event_copies'
+                    order by id desc limit 1) as snapshot
+        ),
+        events_run as materialized (
+            select coalesce(
+                (select started_at from {runs} where model = 'order_events'
+                 order by id desc limit 1),
+                (select max(transformed_at) from {order_events})
+            ) as started_at
+        )
+        select
+            (select count(*) from raw.order_events r, copies_read
+             where pg_visible_in_snapshot(r.xact_id::text::xid8, copies_read.snapshot)
+               and not exists (
+                   select from {event_copies} c
+                   where c.topic = r.topic and c.kafka_partition = r.kafka_partition
+                     and c.kafka_offset = r.kafka_offset)),
+            (select count(distinct c.event_id) from {event_copies} c, events_run
+             where c.transformed_at < events_run.started_at
+               and not exists (select from {order_events} e where e.event_id = c.event_id))
+        """
+    ).format(
+        runs=sql.Identifier(schema, "incremental_runs"),
+        event_copies=sql.Identifier(schema, "event_copies"),
+        order_events=sql.Identifier(schema, "order_events"),
+    )
+    missing_copies, missing_events = conn.execute(query).fetchone()
+    return Check(
+        name,
+        missing_copies == 0 and missing_events == 0,
+        f"{missing_copies} raw row(s) missing from event_copies, {missing_events} event_id(s)"
+        " missing from order_events",
+    )
+
+
+def orders_with_events_have_a_status(conn: psycopg.Connection, schema: str) -> Check:
+    """Every order of the order_events rows the last order_status run could see (written before
+    that run got its turn; without a recorded run, before its newest row) has an order_status
+    row. One statement, so one snapshot of both tables."""
+    name = "every order with events has a status"
+    runs = (
+        sql.SQL(
+            "(select started_at from {} where model = 'order_status' order by id desc limit 1)"
+        ).format(sql.Identifier(schema, "incremental_runs"))
+        if _relation_exists(conn, schema, "incremental_runs")
+        else sql.SQL("null::timestamptz")
+    )
+    query = sql.SQL(
+        """
+        with status_run as materialized (
+            select coalesce({runs}, (select max(updated_at) from {order_status})) as started_at
+        )
+        select count(distinct e.order_id) from {order_events} e, status_run
+        where e.transformed_at < status_run.started_at
+          and not exists (select from {order_status} s where s.order_id = e.order_id)
+        """
+    ).format(
+        runs=runs,
+        order_status=sql.Identifier(schema, "order_status"),
+        order_events=sql.Identifier(schema, "order_events"),
+    )
+    missing = conn.execute(query).fetchone()[0]
+    return Check(name, missing == 0, f"{missing} order(s) with events but no order_status row")
 
 
 def _keys_twice(conn: psycopg.Connection, schema: str, table: str, key: str) -> int:

@@ -2,13 +2,16 @@
 --
 -- Dedup: of all copies of an event_id, on any partition, the first one landed wins, ordered by
 -- (landed_at, topic, kafka_partition, kafka_offset). See docs/dbt.md for why that order.
+-- other_order_ids lists the other orders that copies of the event name (conflicting copies): the
+-- orders it may have been counted in before a copy ordered earlier committed later and won, which
+-- order_status and order_status_history recompute along with order_id.
 --
--- Incremental: the copies event_copies appended since this model last wrote (its lookback on
--- landed_at catches late-committed landings) are the slice; for every event_id in the slice the
--- winner is picked again among the slice and the stored winner. Seeing a copy twice changes
--- nothing, so the table always equals a full refresh. Only winners that are new or changed are
--- written; they get a fresh transformed_at, which is how order_status and order_status_history
--- find the orders to recompute.
+-- Incremental: the copies event_copies appended since this model last wrote are the slice; for
+-- every event_id in the slice the winner and other_order_ids are computed again from the slice
+-- and the stored row. Seeing a copy twice changes nothing, so the table always equals a full
+-- refresh. Only rows that are new or changed (a new winner, another order named) are written;
+-- they get a fresh transformed_at, which is how order_status and order_status_history find the
+-- orders to recompute.
 --
 -- The key (event_id, the primary key), the not-null columns and the accepted event types are
 -- constraints of the model's contract (order_events.yml), checked by Postgres on every insert.
@@ -54,10 +57,12 @@ landed_copies as (
 
     select
         event_id,
+        order_id,
         landed_at,
         topic,
         kafka_partition,
         kafka_offset,
+        null::jsonb as other_order_ids,
         false as is_stored
 
     from {{ ref('event_copies') }}
@@ -73,10 +78,12 @@ stored_winners as (
 
     select
         stored.event_id,
+        stored.order_id,
         stored.landed_at,
         stored.topic,
         stored.kafka_partition,
         stored.kafka_offset,
+        stored.other_order_ids,
         true as is_stored
 
     from (select distinct event_id from landed_copies) as slice_ids
@@ -90,6 +97,8 @@ stored_winners as (
 
 {% endif %}
 
+-- every copy of an event_id read, and its stored row: together they name every order any copy of
+-- the event names (the stored row's order_id and other_order_ids stand for the copies before)
 candidates as (
 
     select * from landed_copies
@@ -108,36 +117,79 @@ ranked as (
             partition by event_id
             -- is_stored last: a stored winner read again wins over its own copy, so is kept as is
             order by landed_at, topic, kafka_partition, kafka_offset, is_stored desc
-        ) as copy_rank
+        ) as copy_rank,
+        -- almost always false: only conflicting copies name another order
+        min(order_id) over by_event <> max(order_id) over by_event
+        or bool_or(other_order_ids is not null) over by_event as names_other_orders
 
     from candidates
+    window by_event as (partition by event_id)
 
 ),
 
--- winners that are not stored yet: new events, or an earlier copy that committed late
-new_winners as (
+named_orders as (
 
     select
-        topic,
-        kafka_partition,
-        kafka_offset
+        ranked.event_id,
+        jsonb_agg(distinct named.order_id order by named.order_id) as order_ids
 
     from ranked
-    where copy_rank = 1 and not is_stored
+    cross join lateral (
+        select ranked.order_id
+        union all
+        select jsonb_array_elements_text(ranked.other_order_ids)
+    ) as named (order_id)
+    where ranked.names_other_orders
+    group by ranked.event_id
+
+),
+
+winners as (
+
+    select
+        ranked.topic,
+        ranked.kafka_partition,
+        ranked.kafka_offset,
+        ranked.is_stored,
+        ranked.other_order_ids as stored_other_order_ids,
+        nullif(named_orders.order_ids - ranked.order_id, '[]') as other_order_ids
+
+    from ranked
+    left join named_orders
+        on ranked.event_id = named_orders.event_id
+    where ranked.copy_rank = 1
+
+),
+
+-- rows to write: new events, an earlier copy that committed late, or another order named
+new_winners as (
+
+    select * from winners
+    where not is_stored or other_order_ids is distinct from stored_other_order_ids
 
 ),
 
 winning_copies as (
 
-    select stg_order_events.*
+    select
+        stg_order_events.*,
+        new_winners.other_order_ids
 
-    from {{ ref('stg_order_events') }} as stg_order_events
-    inner join new_winners
-        on stg_order_events.topic = new_winners.topic
-        and stg_order_events.kafka_partition = new_winners.kafka_partition
-        and stg_order_events.kafka_offset = new_winners.kafka_offset
+    from new_winners
     {% if is_incremental() %}
-    where stg_order_events.landed_at >= (select min(landed_at) from landed_copies)
+    -- one primary-key probe per winner, however far apart their landings are
+    cross join lateral (
+        select * from {{ ref('stg_order_events') }} as winning_copy
+        where winning_copy.topic = new_winners.topic
+            and winning_copy.kafka_partition = new_winners.kafka_partition
+            and winning_copy.kafka_offset = new_winners.kafka_offset
+        offset 0
+    ) as stg_order_events
+    {% else %}
+    inner join {{ ref('stg_order_events') }} as stg_order_events
+        on new_winners.topic = stg_order_events.topic
+        and new_winners.kafka_partition = stg_order_events.kafka_partition
+        and new_winners.kafka_offset = stg_order_events.kafka_offset
     {% endif %}
 
 ),
@@ -157,6 +209,7 @@ enriched as (
         customers.name as customer_name,
         customers.segment as customer_segment,
         customers.country as customer_country,
+        winning_copies.other_order_ids,
         -- taken after serialize_incremental_runs() granted its lock; see that macro
         statement_timestamp() as transformed_at
 

@@ -4,8 +4,10 @@
 -- order in which events arrived does not matter. An order whose OrderCreated has not arrived yet
 -- still has a row, with null customer and order fields.
 --
--- Incremental: the orders touched by events order_events wrote since this model last ran are
--- recomputed from all their events, and replace their previous rows (delete+insert on order_id).
+-- Incremental: the orders touched by events order_events wrote since this model last ran (their
+-- orders, and the orders an event may have moved from) are recomputed from all their events and
+-- replace their previous rows; a touched order with no event left loses its row (the
+-- replace_orders strategy, macros/touched_order_events.sql).
 --
 -- The key (order_id, the primary key), the not-null columns and the accepted statuses are
 -- constraints of the model's contract (order_status.yml), checked by Postgres on every insert.
@@ -13,7 +15,7 @@
 {{
     config(
         materialized='incremental',
-        incremental_strategy='delete+insert',
+        incremental_strategy='replace_orders',
         unique_key='order_id',
         on_schema_change='fail',
         pre_hook="{{ serialize_incremental_runs() }}",

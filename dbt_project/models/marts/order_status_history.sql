@@ -2,7 +2,8 @@
 -- keeping those that change the status. sequence_number counts the transitions from 1.
 --
 -- Incremental: like order_status, the orders touched since the last run are recomputed whole and
--- replace their previous rows (delete+insert on order_id).
+-- replace their previous rows, and a touched order with no event left loses its rows (the
+-- replace_orders strategy): the event a transition row names is then never in two orders.
 --
 -- The keys ((order_id, sequence_number), the primary key, and event_id, unique), the not-null
 -- columns and the accepted statuses are constraints of the model's contract
@@ -11,7 +12,7 @@
 {{
     config(
         materialized='incremental',
-        incremental_strategy='delete+insert',
+        incremental_strategy='replace_orders',
         unique_key='order_id',
         on_schema_change='fail',
         pre_hook="{{ serialize_incremental_runs() }}",

@@ -2,8 +2,9 @@
 -- columns. Payloads are upcast to the latest schema_version and only known fields are read, so
 -- unknown fields are ignored. Deduplication happens downstream, in order_events.
 --
--- Every step is a row-by-row projection of the source, so a filter on landed_at (the incremental
--- slice of order_events) reaches the BRIN index on raw.order_events(landed_at).
+-- Every step is a row-by-row projection of the source, so a filter on xact_id (what event_copies
+-- has not read yet) reaches the BRIN index on raw.order_events(xact_id), and one on the
+-- coordinates (the winners order_events writes) raw's primary key.
 
 with
 
@@ -28,6 +29,7 @@ renamed as (
         kafka_partition,
         kafka_offset,
         landed_at,
+        xact_id,
         -- a copy's content: the envelope fields the producer controls. jsonb text sorts keys and
         -- drops insignificant whitespace, and raw.canonical_json_text (the landing's schema.sql)
         -- writes numbers without trailing zeros, so numerically equal payloads hash equally.
@@ -120,6 +122,7 @@ typed as (
         kafka_partition,
         kafka_offset,
         landed_at,
+        xact_id,
         content_hash
 
     from upcast

@@ -386,3 +386,14 @@ begin
     );
 end
 $$;
+
+-- Commit order: the transaction that wrote each row, as a plain bigint (the 64-bit xid8 value) so
+-- that a BRIN index can serve it (there is no BRIN operator class for xid8). dbt's event_copies
+-- reads the rows of the transactions that were not yet committed in the snapshot its previous run
+-- recorded, so a landing or a replay that commits long after it began is still read. The default
+-- is stable, not volatile: adding the column rewrites nothing (the rows already there get the
+-- xid of this migration, which committed before any snapshot dbt records afterwards), and COPY
+-- keeps its multi-row inserts.
+alter table raw.order_events add column if not exists xact_id bigint not null
+    default (pg_current_xact_id()::text::bigint);
+create index if not exists order_events_xact_id on raw.order_events using brin (xact_id);
