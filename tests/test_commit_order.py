@@ -36,8 +36,8 @@ from tests.test_dbt_models import ANALYTICS, STAGING, assert_marts_match_oracle,
 from tests.test_landing import connections
 from tests.test_schema_upgrade import PREVIOUS_SCHEMA
 
-# Small enough that main's incremental read (landed_at within this of the newest copy modelled)
-# passes over a landing that waited a few seconds; the models no longer have such a window.
+# The models read raw by commit order and ignore this var; a read by landed_at within this window
+# of the newest copy modelled would pass over a landing that waited a few seconds.
 TINY_LOOKBACK = {"landing_lookback": "1 second"}
 
 
@@ -125,8 +125,8 @@ def in_thread(target: Callable[[], Any]) -> Iterator[list]:
 def test_a_landing_that_commits_long_after_it_began_reaches_every_mart(
     kafka_bootstrap, postgres_dsn, topic, fault_report, marts_env
 ):
-    """A range waits on its partition's lock (another process holds it) far longer than main's
-    lookback, while the other partitions land and dbt builds twice; then it commits. Its rows
+    """A range waits on its partition's lock (another process holds it) far longer than
+    TINY_LOOKBACK, while the other partitions land and dbt builds twice; then it commits. Its rows
     carry a landed_at older than everything modelled meanwhile: the next build models them."""
     # no copies across partitions: a copy landed meanwhile on another partition would make the
     # held landing start over (audit.settle_landing), in a new transaction, with a new landed_at
@@ -153,7 +153,7 @@ def test_a_landing_that_commits_long_after_it_began_reaches_every_mart(
         )
         with in_thread(land_held) as held_result:
             wait_until_blocked(postgres_dsn)  # its transaction, and so its landed_at, has begun
-            time.sleep(2)  # the lookback on main is 1 s
+            time.sleep(2)  # longer than TINY_LOOKBACK
             half = len(meanwhile) // 2
             for rng in meanwhile[:half]:
                 land_range(rng, conn=conn, consumer=consumer, run_id="meanwhile")
@@ -166,7 +166,7 @@ def test_a_landing_that_commits_long_after_it_began_reaches_every_mart(
         for rng in after:
             land_range(rng, conn=conn, consumer=consumer, run_id="after")
         repair_kafka_commits(conn, consumer, topic)
-        # the held rows are older than what was modelled meanwhile: main's window passes them by
+        # the held rows are older than everything modelled meanwhile
         held_landed_at, meanwhile_landed_at = conn.execute(
             "select max(landed_at) filter (where run_id = 'held'),"
             " min(landed_at) filter (where run_id = 'meanwhile') from raw.order_events"
