@@ -19,6 +19,24 @@ from orderflow_dagster.land.ranges import merge_intervals
 from orderflow_dagster.serve.verify import audit_counts
 
 
+def orderflow(*args: str, env: dict[str, str], check: bool = True):
+    """The CLI of this checkout, in a subprocess, as an operator runs it; with `check`, a
+    non-zero exit fails the test with what the command printed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "orderflow_dagster.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"orderflow {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @contextmanager
 def scratch_database(server_dsn: str) -> Iterator[str]:
     """A fresh, empty database on the server of `server_dsn`, dropped afterwards: the dbt marts

@@ -21,7 +21,6 @@ import psycopg
 import pytest
 from oracle import expected_order_status, landed, read_customers_csv
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from orderflow_dagster.defs.resources import PostgresResource
 from orderflow_dagster.ingest.generator import Outgoing, generate
@@ -32,6 +31,7 @@ from orderflow_dagster.land.planner import plan_ranges
 from orderflow_dagster.serve.verify import verify
 from orderflow_dagster.transform.dbt import DBT_PROJECT_DIR, run_dbt_build
 from tests.support import invariants, mart_duplicates, produce
+from tests.test_order_status_e2e import actual_rows
 
 CUSTOMERS = read_customers_csv(DBT_PROJECT_DIR / "seeds" / "customers.csv")
 SCENARIO = "16. database default isolation"
@@ -152,15 +152,6 @@ def with_copies_on_the_next_partition(outgoing: list[Outgoing]) -> list[Outgoing
     return [*outgoing, *copies]
 
 
-def order_status_rows(dsn: str) -> list[dict]:
-    with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        rows = conn.execute("select * from analytics.order_status order by order_id").fetchall()
-    for row in rows:
-        row.pop("updated_at")
-        row["last_event_id"] = str(row["last_event_id"])
-    return rows
-
-
 def expected_rows(outgoing: list[Outgoing]) -> list[dict]:
     # copies are byte-identical, so which one wins does not change order_status
     records = [
@@ -187,7 +178,7 @@ def assert_marts_exact(dsn: str, outgoing: list[Outgoing]) -> int:
         ).fetchone()
     assert duplicates == 0
     assert mart_ids == landed_ids
-    actual, expected = order_status_rows(dsn), expected_rows(outgoing)
+    actual, expected = actual_rows(dsn), expected_rows(outgoing)
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected, strict=True):
         assert a == e, {k: (a.get(k), e.get(k)) for k in set(a) | set(e) if a.get(k) != e.get(k)}

@@ -4,8 +4,6 @@ replay. Real Kafka, Postgres and Dagster instance."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +22,7 @@ from orderflow_dagster.land.parse import Reason
 from orderflow_dagster.land.planner import plan_ranges
 from orderflow_dagster.serve.dlq import replay
 from orderflow_dagster.stack import manager
+from tests.support import orderflow
 
 # above the default limit, and above what Kafka's defaults let a topic hold
 BIG = DEFAULT_MAX_MESSAGE_BYTES + 100_000
@@ -38,18 +37,6 @@ def cancelled(reason: str) -> dict:
         "timestamp": 1_735_689_600_000,
         "schema_version": 1,
     }
-
-
-def orderflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "orderflow_dagster.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"orderflow {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def test_a_letter_over_the_default_limit_is_replayed_once_the_limit_is_raised(

@@ -4,8 +4,6 @@ and a log that ends below the ledger stops everything with what to do."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import psycopg
@@ -22,24 +20,10 @@ from orderflow_dagster.land.planner import plan_ranges
 from orderflow_dagster.land.ranges import OffsetRange
 from orderflow_dagster.serve.catch_up import EXIT_TOPIC_INCARNATION
 from orderflow_dagster.stack import manager
-from tests.support import invariants, mart_duplicates, produce
+from tests.support import invariants, mart_duplicates, orderflow, produce
 from tests.test_landing import connections
 
 PARTITIONS = 4
-
-
-def orderflow(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    """The CLI of this checkout, in a subprocess, as an operator runs it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "orderflow_dagster.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"orderflow {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def events(count: int, seed: int) -> list:
