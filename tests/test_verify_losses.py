@@ -176,8 +176,13 @@ def test_half_built_marts_fail_verify_and_none_or_both_pass(postgres_dsn):
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         assert [c.ok for c in mart_checks(conn, "analytics")] == [True]
         conn.execute("create schema analytics")
-        conn.execute("create table analytics.order_events (event_id uuid)")
+        conn.execute(
+            "create table analytics.order_events"
+            " (event_id uuid, order_id text, transformed_at timestamptz)"
+        )
         (half,) = mart_checks(conn, "analytics")
         assert not half.ok and "order_status missing" in half.detail
-        conn.execute("create table analytics.order_status (order_id text)")
-        assert all(c.ok for c in mart_checks(conn, "analytics"))
+        conn.execute("create table analytics.order_status (order_id text, updated_at timestamptz)")
+        both = {c.name: c for c in mart_checks(conn, "analytics")}
+        assert both["no event_id twice in the marts"].ok, both
+        assert both["one order_status row per order"].ok, both
