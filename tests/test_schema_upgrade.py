@@ -12,7 +12,7 @@ from orderflow_dagster.land.landing import land_range
 from orderflow_dagster.land.planner import plan_ranges
 from tests.support import scratch_database
 
-# raw/audit schema as released in 0aa65f3 (session 2), with its first-seen table and the
+# raw/audit schema as released in 0aa65f3, with its first-seen table and the
 # audit function whose parameters the current one must replace, not trip over
 PREVIOUS_SCHEMA = Path(__file__).parent / "fixtures" / "schema-0aa65f3.sql"
 EVENT_ID = "6f03675a-1600-435a-8999-50d836f675cc"  # a v4 id, as older producers minted them
