@@ -191,6 +191,14 @@ def assert_marts_exact(dsn: str, outgoing: list[Outgoing]) -> int:
     [REPEATABLE_READ, SERIALIZABLE, GUARDED],
     ids=["repeatable-read", "serializable-deferrable", "read-only-with-timeouts"],
 )
+def invariants_of(conn, bootstrap: str, group: str, topic: str, produced: int):
+    consumer = kafka_source.open_consumer(bootstrap, group)
+    try:
+        return invariants(conn, consumer, topic, produced)
+    finally:
+        consumer.close()
+
+
 def test_concurrent_landings_of_copies_on_other_partitions_audit_one_landed_whatever_the_default(
     kafka_bootstrap, postgres_dsn, topic, defaults, fault_report, monkeypatch
 ):
@@ -242,11 +250,7 @@ def test_concurrent_landings_of_copies_on_other_partitions_audit_one_landed_what
     recovery_s = time.monotonic() - started
     assert [c for c in checks if not c.ok] == [] and lag == 0
     with psycopg.connect(postgres_dsn) as conn:
-        consumer = kafka_source.open_consumer(kafka_bootstrap, group)
-        try:
-            inv = invariants(conn, consumer, topic, len(outgoing))
-        finally:
-            consumer.close()
+        inv = invariants_of(conn, kafka_bootstrap, group, topic, len(outgoing))
         landed_once = conn.execute(
             "select count(*) filter (where outcome = 'landed'),"
             " count(distinct event_id) filter (where outcome = 'landed')"
@@ -351,11 +355,7 @@ def test_overlapping_dbt_builds_under_a_repeatable_read_default_keep_the_marts_e
         assert_marts_exact(postgres_dsn, everything)
 
     with psycopg.connect(postgres_dsn) as conn:
-        consumer = kafka_source.open_consumer(kafka_bootstrap, group)
-        try:
-            inv = invariants(conn, consumer, topic, len(everything))
-        finally:
-            consumer.close()
+        inv = invariants_of(conn, kafka_bootstrap, group, topic, len(everything))
         duplicates = mart_duplicates(conn)
     inv.assert_exactly_once()
     fault_report.record_invariants(

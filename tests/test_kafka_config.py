@@ -182,24 +182,22 @@ def _delivered(how: str, name: str, value: object) -> dict[str, object] | None:
     return {name: value}
 
 
-@given(override=unsafe_override(CONSUMER_GUARDED), how=st.sampled_from(["top", "nested", "env"]))
+@pytest.mark.parametrize(
+    ("guarded", "build"),
+    [
+        (CONSUMER_GUARDED, lambda extra: consumer_config(BOOTSTRAP, "g", extra=extra)),
+        (PRODUCER_GUARDED, lambda extra: producer_config(BOOTSTRAP, extra=extra)),
+    ],
+    ids=["consumer", "producer"],
+)
+@given(data=st.data(), how=st.sampled_from(["top", "nested", "env"]))
 @settings_(max_examples=300)
-def test_the_consumer_refuses_every_spelling_of_an_unsafe_override(override, how) -> None:
-    canonical, name, value = override
+def test_every_spelling_of_an_unsafe_override_is_refused(guarded, build, data, how) -> None:
+    canonical, name, value = data.draw(unsafe_override(guarded))
     with mock.patch.dict(os.environ, clear=False):
         extra = _delivered(how, name, value)
         with pytest.raises(UnsafeKafkaConfigError, match=re.escape(canonical)):
-            consumer_config(BOOTSTRAP, "g", extra=extra)
-
-
-@given(override=unsafe_override(PRODUCER_GUARDED), how=st.sampled_from(["top", "nested", "env"]))
-@settings_(max_examples=200)
-def test_the_producer_refuses_every_spelling_of_an_unsafe_override(override, how) -> None:
-    canonical, name, value = override
-    with mock.patch.dict(os.environ, clear=False):
-        extra = _delivered(how, name, value)
-        with pytest.raises(UnsafeKafkaConfigError, match=re.escape(canonical)):
-            producer_config(BOOTSTRAP, extra=extra)
+            build(extra)
 
 
 @given(overrides=st.lists(safe_override(CONSUMER_GUARDED), max_size=6))
