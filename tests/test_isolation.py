@@ -185,12 +185,6 @@ def assert_marts_exact(dsn: str, outgoing: list[Outgoing]) -> int:
     return duplicates
 
 
-@pytest.mark.faults
-@pytest.mark.parametrize(
-    "defaults",
-    [REPEATABLE_READ, SERIALIZABLE, GUARDED],
-    ids=["repeatable-read", "serializable-deferrable", "read-only-with-timeouts"],
-)
 def invariants_of(conn, bootstrap: str, group: str, topic: str, produced: int):
     consumer = kafka_source.open_consumer(bootstrap, group)
     try:
@@ -199,6 +193,12 @@ def invariants_of(conn, bootstrap: str, group: str, topic: str, produced: int):
         consumer.close()
 
 
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "defaults",
+    [REPEATABLE_READ, SERIALIZABLE, GUARDED],
+    ids=["repeatable-read", "serializable-deferrable", "read-only-with-timeouts"],
+)
 def test_concurrent_landings_of_copies_on_other_partitions_audit_one_landed_whatever_the_default(
     kafka_bootstrap, postgres_dsn, topic, defaults, fault_report, monkeypatch
 ):
