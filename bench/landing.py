@@ -170,7 +170,13 @@ class Services:
             log(f"checkpoint skipped: {exc}")
 
 
-def start_services(args: argparse.Namespace) -> Services:
+def start_services(
+    args: argparse.Namespace,
+    *,
+    home: Path = BENCH_HOME,
+    kafka_port: int = KAFKA_PORT,
+    postgres_port: int = POSTGRES_PORT,
+) -> Services:
     if args.use_env:
         bootstrap = os.environ.get("ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS")
         dsn = os.environ.get("ORDERFLOW_POSTGRES_DSN")
@@ -178,14 +184,12 @@ def start_services(args: argparse.Namespace) -> Services:
             sys.exit("--use-env needs ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS and ORDERFLOW_POSTGRES_DSN")
         return Services(bootstrap, dsn)
     cfg = manager.StackConfig(
-        home=BENCH_HOME,
-        kafka_port=KAFKA_PORT,
-        postgres_port=POSTGRES_PORT,
+        home=home,
+        kafka_port=kafka_port,
+        postgres_port=postgres_port,
         kafka_libs=REPO / ".orderflow" / "kafka" / "libs",
     )
-    log(
-        f"starting the bench stack in {BENCH_HOME} (Kafka :{KAFKA_PORT}, Postgres :{POSTGRES_PORT})"
-    )
+    log(f"starting the bench stack in {home} (Kafka :{kafka_port}, Postgres :{postgres_port})")
     info = manager.start(cfg)
     return Services(info.bootstrap_servers, info.dsn, cfg)
 

@@ -36,3 +36,12 @@ def test_dbt_builds_once_for_a_burst_of_landed_ranges_and_never_concurrently():
     )
     assert "in progress" in dbt_build_decision(9, "9:t2", "5:t1", dbt_in_progress=True)
     assert dbt_build_decision(9, "9:t2", "5:t1", dbt_in_progress=False) is None
+
+
+def test_dbt_heartbeat_builds_only_after_its_interval_and_never_when_turned_off():
+    from orderflow_dagster.defs.launch import heartbeat_due
+
+    assert not heartbeat_due(None, now=1_000.0, heartbeat_seconds=300)
+    assert not heartbeat_due(800.0, now=1_000.0, heartbeat_seconds=300)
+    assert heartbeat_due(700.0, now=1_000.0, heartbeat_seconds=300)
+    assert not heartbeat_due(0.0, now=1_000.0, heartbeat_seconds=0)

@@ -3,6 +3,8 @@
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orderflow_dagster.land.ranges import (
     OffsetRange,
@@ -89,3 +91,83 @@ def test_uncovered_returns_only_the_offsets_not_landed_yet():
 
 def test_merge_intervals_joins_touching_and_overlapping_spans():
     assert merge_intervals([(5, 7), (0, 5), (9, 10), (6, 8)]) == [(0, 8), (9, 10)]
+
+
+partition_states = st.builds(
+    lambda low, lag_before, lag, inflight: state(
+        low=low,
+        high=low + lag_before + lag,
+        frontier=None if lag_before == 0 and inflight == 0 else low + lag_before,
+        inflight=inflight,
+    ),
+    low=st.integers(0, 10**9),
+    lag_before=st.integers(0, 10**6),
+    lag=st.integers(0, 10**7),
+    inflight=st.integers(0, 4),
+)
+
+
+@given(
+    s=partition_states,
+    max_events=st.integers(1, 10**6),
+    min_events=st.integers(1, 10**6),
+    max_inflight=st.integers(1, 6),
+)
+def test_planner_adapts_range_size_to_lag(s, max_events, min_events, max_inflight):
+    """Whatever the lag: ranges are contiguous from the frontier, within the bound, and never a
+    sliver while the partition is busy; a caught-up partition's lag goes out at once as one
+    range; a partition far behind gets ranges of the bound."""
+    ranges = plan_partition(
+        "t",
+        s,
+        max_events_per_batch=max_events,
+        max_inflight=max_inflight,
+        min_events_per_batch=min_events,
+    )
+    start = s.frontier if s.frontier is not None else s.low_watermark
+    lag = s.high_watermark - start
+    slots = max(0, max_inflight - s.inflight)
+    worth_a_run = min(min_events, max_events)
+    assert len(ranges) <= slots
+    assert all(r.size <= max_events for r in ranges)
+    if ranges:
+        assert ranges[0].start == start
+        assert all(a.end == b.start for a, b in itertools.pairwise(ranges))
+        assert ranges[-1].end <= s.high_watermark
+    # while something of the partition is in flight (or was just planned), no range is smaller
+    # than what a run is worth
+    for i, r in enumerate(ranges):
+        if s.inflight > 0 or i > 0:
+            assert r.size >= worth_a_run
+    if slots == 0 or lag == 0:
+        assert ranges == []
+    elif s.inflight == 0 and lag <= max_events:
+        # caught up: everything there is, at once, in one range
+        assert [(r.start, r.end) for r in ranges] == [(start, s.high_watermark)]
+    elif lag >= slots * max_events:
+        # far behind: every free slot takes a range of the bound
+        assert [r.size for r in ranges] == [max_events] * slots
+    # the offsets left unplanned are either beyond the free slots or too few for a busy partition
+    left = s.high_watermark - (ranges[-1].end if ranges else start)
+    if left > 0 and len(ranges) < slots:
+        assert (s.inflight > 0 or ranges) and left < worth_a_run
+
+
+def test_busy_partition_waits_for_a_range_worth_a_run():
+    busy = state(high=1_500, frontier=1_000, inflight=1)
+    assert (
+        plan_partition(
+            "t", busy, max_events_per_batch=100_000, max_inflight=2, min_events_per_batch=1_000
+        )
+        == []
+    )
+    busy = state(high=2_000, frontier=1_000, inflight=1)
+    planned = plan_partition(
+        "t", busy, max_events_per_batch=100_000, max_inflight=2, min_events_per_batch=1_000
+    )
+    assert [(r.start, r.end) for r in planned] == [(1_000, 2_000)]
+    idle = state(high=1_003, frontier=1_000, inflight=0)
+    planned = plan_partition(
+        "t", idle, max_events_per_batch=100_000, max_inflight=2, min_events_per_batch=1_000
+    )
+    assert [(r.start, r.end) for r in planned] == [(1_000, 1_003)]

@@ -15,11 +15,18 @@ from dagster import (
     asset,
 )
 
+from orderflow_dagster.defs.checks import (
+    KAFKA_LAG_CHECK,
+    kafka_lag_result,
+    max_lag_events,
+    topic_lag,
+)
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
 from orderflow_dagster.ingest.errors import OffsetsLostError
+from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.incarnations import IncarnationError
 from orderflow_dagster.land.landing import LandingResult, land_range
-from orderflow_dagster.land.ranges import OffsetRange
+from orderflow_dagster.land.ranges import OffsetRange, kafka_topic
 
 offset_ranges = DynamicPartitionsDefinition(name="kafka_offset_ranges")
 
@@ -50,7 +57,9 @@ def dead_letter_rate_check(result: LandingResult, max_share: float) -> AssetChec
     )
 
 
-def landing_metadata(result: LandingResult) -> dict[str, object]:
+def landing_metadata(result: LandingResult, topic_lag: int | None = None) -> dict[str, object]:
+    """What each materialization records; the numbers are plotted over time in the asset's view
+    (landing rate, lag)."""
     rng = result.range
     return {
         "range": MetadataValue.text(str(rng)),
@@ -65,6 +74,7 @@ def landing_metadata(result: LandingResult) -> dict[str, object]:
         "events_per_s": round(result.events_per_second, 1),
         "committed_offset": -1 if result.committed_offset is None else result.committed_offset,
         "lag_left": -1 if result.lag_after is None else result.lag_after,
+        "topic_lag": -1 if topic_lag is None else topic_lag,
     }
 
 
@@ -79,7 +89,13 @@ def landing_metadata(result: LandingResult) -> dict[str, object]:
             asset="raw_order_events",
             description="share of the range's records dead-lettered, against "
             "ORDERFLOW_MAX_DEAD_LETTER_SHARE",
-        )
+        ),
+        AssetCheckSpec(
+            KAFKA_LAG_CHECK,
+            asset="raw_order_events",
+            description="offsets of the topic not landed yet after this landing, against "
+            "ORDERFLOW_MAX_LAG_EVENTS",
+        ),
     ],
     description="Kafka records of one offset range, landed exactly once into raw.order_events "
     "(poison into raw.dead_letters) in one transaction with its raw.ingest_ledger row.",
@@ -112,11 +128,20 @@ def raw_order_events(
             # a range of a re-created topic's old incarnation, or a log that ends below the
             # ledger: retrying cannot change either
             raise Failure(description=str(exc), allow_retries=False) from exc
+        # the whole topic's lag, as the consumer group's commits (only what landed) show it:
+        # two metadata round trips, against a run that costs seconds to start
+        topic = kafka_topic(rng.topic)
+        parts = kafka_source.partitions(consumer, topic)
+        marks = kafka_source.watermarks(consumer, topic, parts)
+        committed = kafka_source.committed(consumer, topic, parts)
     context.log.info(
         f"landed {rng}: {result.rows_landed} rows, {result.dead_letters} dead letters, "
         f"{result.already_landed} already landed, {result.events_per_second:.0f} events/s"
     )
     return MaterializeResult(
-        metadata=landing_metadata(result),
-        check_results=[dead_letter_rate_check(result, landing.max_dead_letter_share)],
+        metadata=landing_metadata(result, topic_lag(marks, committed)),
+        check_results=[
+            dead_letter_rate_check(result, landing.max_dead_letter_share),
+            kafka_lag_result(topic, marks, committed, max_lag_events()),
+        ],
     )

@@ -80,3 +80,14 @@ def dbt_build_decision(
     if dbt_in_progress:
         return "a dbt build is in progress; new ranges will be modelled by the next one"
     return None
+
+
+def heartbeat_due(
+    last_build_started_at: float | None, now: float, heartbeat_seconds: float
+) -> bool:
+    """Whether the dbt sensor should build although nothing landed: the last build started
+    `heartbeat_seconds` ago or more (0 turns heartbeats off). A no-op incremental build keeps
+    order_status's freshness policy true of an idle stream, so only a stalled pipeline fails it."""
+    if heartbeat_seconds <= 0 or last_build_started_at is None:
+        return False
+    return now - last_build_started_at >= heartbeat_seconds

@@ -14,6 +14,12 @@ from orderflow_dagster.land.landing import DEFAULT_MAX_MESSAGE_BYTES
 
 _schema_ready: set[str] = set()
 
+# A run costs seconds to start and the landing streams in chunks, so a range that is behind
+# takes up to a few seconds of landing (~100k events/s), and one planned beside a range in flight
+# waits for enough offsets to be worth its run. See docs/benchmarks.md.
+DEFAULT_MAX_EVENTS_PER_BATCH = 250_000
+DEFAULT_MIN_EVENTS_PER_BATCH = 2_000
+
 
 class KafkaResource(ConfigurableResource):
     """The source cluster. SASL/SSL settings pass through from ORDERFLOW_KAFKA_CONFIG_* at run
@@ -51,9 +57,11 @@ class PostgresResource(ConfigurableResource):
 
 
 class LandingSettings(ConfigurableResource):
-    """How ranges are cut and landed."""
+    """How ranges are cut and landed (see ranges.plan_partition: sized by lag)."""
 
-    max_events_per_batch: int = 10_000
+    max_events_per_batch: int = DEFAULT_MAX_EVENTS_PER_BATCH
+    # while a range of a partition is in flight, the next waits until this many offsets do
+    min_events_per_batch: int = DEFAULT_MIN_EVENTS_PER_BATCH
     max_inflight: int = 2
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # a failed range is re-requested only after this long, so Dagster's own run retries go first
@@ -77,7 +85,12 @@ def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
         ),
         "postgres": PostgresResource(dsn=secret("ORDERFLOW_POSTGRES_DSN")),
         "landing": LandingSettings(
-            max_events_per_batch=settings.env_int("ORDERFLOW_MAX_EVENTS_PER_BATCH", 10_000),
+            max_events_per_batch=settings.env_int(
+                "ORDERFLOW_MAX_EVENTS_PER_BATCH", DEFAULT_MAX_EVENTS_PER_BATCH
+            ),
+            min_events_per_batch=settings.env_int(
+                "ORDERFLOW_MIN_EVENTS_PER_BATCH", DEFAULT_MIN_EVENTS_PER_BATCH
+            ),
             max_inflight=settings.env_int("ORDERFLOW_MAX_INFLIGHT", 2),
             max_message_bytes=settings.env_int(
                 "ORDERFLOW_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES

@@ -16,11 +16,13 @@ from dagster import (
     sensor,
 )
 
+from orderflow_dagster import settings
 from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
 from orderflow_dagster.defs.launch import (
     IN_PROGRESS,
     RunInfo,
     dbt_build_decision,
+    heartbeat_due,
     launches,
     raw_marker,
 )
@@ -67,6 +69,7 @@ def kafka_offset_ranges_sensor(
             kafka.topic,
             max_events_per_batch=landing.max_events_per_batch,
             max_inflight=landing.max_inflight,
+            min_events_per_batch=landing.min_events_per_batch,
         )
         # a process that died between the Postgres and the Kafka commit left Kafka behind
         repair_kafka_commits(conn, consumer, kafka.topic, topic_id=plan.topic_id)
@@ -107,10 +110,13 @@ dbt_job = define_asset_job(
 
 @sensor(
     job=dbt_job,
-    minimum_interval_seconds=30,
+    # the daemon evaluates sensors at most every 5 s: anything shorter changes nothing
+    minimum_interval_seconds=5,
     default_status=DefaultSensorStatus.RUNNING,
     description="Runs the dbt models after new offset ranges land or dead letters are replayed: "
-    "one build for every burst, never two at once.",
+    "one build for every burst, never two at once; and a no-op build every "
+    "ORDERFLOW_DBT_HEARTBEAT_SECONDS while nothing lands, so order_status's freshness policy "
+    "tells an idle stream from a stalled one.",
 )
 def dbt_after_landing_sensor(
     context: SensorEvaluationContext, postgres: PostgresResource
@@ -131,7 +137,17 @@ def dbt_after_landing_sensor(
     reason = dbt_build_decision(
         ranges + replays, marker, context.cursor, dbt_in_progress=bool(running)
     )
-    if reason is not None:
-        return SkipReason(f"{reason} ({ranges} ranges in the ledger, {replays} replays)")
-    context.update_cursor(marker)
-    return RunRequest(run_key=f"dbt|{marker}")
+    if reason is None:
+        context.update_cursor(marker)
+        return RunRequest(run_key=f"dbt|{marker}")
+    if not running and marker == (context.cursor or "") and ranges + replays:
+        last = context.instance.get_run_records(filters=RunsFilter(job_name=dbt_job.name), limit=1)
+        started = None
+        if last:
+            started = last[0].start_time or last[0].create_timestamp.timestamp()
+        now = time.time()
+        if heartbeat_due(started, now, settings.env_int("ORDERFLOW_DBT_HEARTBEAT_SECONDS", 300)):
+            return RunRequest(
+                run_key=f"dbt|heartbeat|{int(now)}", tags={"orderflow/trigger": "heartbeat"}
+            )
+    return SkipReason(f"{reason} ({ranges} ranges in the ledger, {replays} replays)")

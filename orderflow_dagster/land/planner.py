@@ -89,6 +89,7 @@ def plan_ranges(
     *,
     max_events_per_batch: int,
     max_inflight: int,
+    min_events_per_batch: int = 1,
     new_stream: bool = False,
 ) -> Plan:
     """Plan the topic's current stream. `new_stream`: an operator's decision to land Kafka's
@@ -143,6 +144,7 @@ def plan_ranges(
                 states[p],
                 max_events_per_batch=max_events_per_batch,
                 max_inflight=max_inflight,
+                min_events_per_batch=min_events_per_batch,
             )
         ]
         store.record_plan(conn, new, topic_id)

@@ -138,9 +138,21 @@ class PartitionState:
 
 
 def plan_partition(
-    topic: str, state: PartitionState, *, max_events_per_batch: int, max_inflight: int
+    topic: str,
+    state: PartitionState,
+    *,
+    max_events_per_batch: int,
+    max_inflight: int,
+    min_events_per_batch: int = 1,
 ) -> list[OffsetRange]:
     """New contiguous ranges for one partition, from its frontier up to the high watermark.
+
+    Sized by lag: each range takes everything there is, up to `max_events_per_batch` (landing
+    streams in chunks, so the bound is about run length, not memory). A caught-up partition gets
+    one small range at once, for latency; a partition that is behind gets ranges of the bound.
+    While a range of the partition is in flight, a new one is planned only once at least
+    `min_events_per_batch` offsets wait (capped at the bound): a run costs seconds to start, so
+    a sliver would cost more than it lands, and the offsets it would hold go into the next range.
 
     Backpressure: no more than `max_inflight` unlanded ranges per partition at once. A partition
     never planned before starts at its low watermark (the oldest offset still in the log).
@@ -149,14 +161,21 @@ def plan_partition(
         raise ValueError("max_events_per_batch must be at least 1")
     if max_inflight < 1:
         raise ValueError("max_inflight must be at least 1")
+    if min_events_per_batch < 1:
+        raise ValueError("min_events_per_batch must be at least 1")
+    worth_a_run = min(min_events_per_batch, max_events_per_batch)
     start = state.frontier if state.frontier is not None else state.low_watermark
     slots = max_inflight - state.inflight
+    busy = state.inflight > 0
     planned: list[OffsetRange] = []
     while slots > 0 and start < state.high_watermark:
+        if busy and state.high_watermark - start < worth_a_run:
+            break
         end = min(start + max_events_per_batch, state.high_watermark)
         planned.append(OffsetRange(topic, state.partition, start, end))
         start = end
         slots -= 1
+        busy = True
     return planned
 
 

@@ -1,8 +1,8 @@
 """The dbt project (`dbt_project/`) as Dagster assets, and a headless way to run it.
 
-- `orderflow_dbt_project`: the `DbtProject`. Under `dagster dev` the manifest is parsed at start-up
-  (`prepare_if_dev`), and in a source checkout whenever it is missing or older than a project
-  file. Deployments build it beforehand:
+- `orderflow_dbt_project`: the `DbtProject`. Its manifest is parsed once, by the first import that
+  finds it missing or older than a project file (a source checkout), never per run. Deployments
+  build it beforehand:
   `dagster-dbt project prepare-and-package --file orderflow_dagster/transform/dbt.py`, or simply
   `dbt parse --project-dir dbt_project --profiles-dir dbt_project` (no database needed).
 - `orderflow_dbt_models`: every model, seed and test of the project as one `@dbt_assets`
@@ -25,10 +25,11 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, FreshnessPolicy
 from dagster_dbt import (
     DagsterDbtTranslator,
     DagsterDbtTranslatorSettings,
@@ -46,6 +47,12 @@ DSN_ENV_VAR = "ORDERFLOW_POSTGRES_DSN"
 # The asset, defined by the landing code, whose materializations write raw.order_events and, in
 # the same transaction, raw.ingest_ledger.
 RAW_ORDER_EVENTS_KEY = AssetKey(["raw_order_events"])
+ORDER_STATUS_KEY = AssetKey(["order_status"])
+# The dbt sensor builds at least every ORDERFLOW_DBT_HEARTBEAT_SECONDS (5 min) even when nothing
+# landed (an incremental no-op), so an idle stream stays fresh and only a stalled build ages out.
+ORDER_STATUS_FRESHNESS = FreshnessPolicy.time_window(
+    fail_window=timedelta(minutes=30), warn_window=timedelta(minutes=10)
+)
 # How much of dbt's output a failed `run_dbt_build` quotes in its exception.
 OUTPUT_TAIL_LINES = 60
 
@@ -87,7 +94,9 @@ def _manifest_is_stale(project: DbtProject) -> bool:
 
 orderflow_dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 _put_dbt_on_path()
-orderflow_dbt_project.prepare_if_dev()
+# Not `prepare_if_dev()`: under `dagster dev` it parses the project on every import, and every
+# run worker inherits the flag that says so, which cost each landing run seconds of `dbt parse`.
+# The manifest is parsed once, when missing or older than the project's files.
 if _manifest_is_stale(orderflow_dbt_project):
     # Not prepared at build time (a fresh checkout, the tests) or edited since: parse now, a few
     # seconds, rather than fail to import or load outdated assets. Deployments ship the manifest
@@ -121,6 +130,14 @@ class OrderflowDbtTranslator(DagsterDbtTranslator):
         if resource_type in ("model", "seed", "snapshot"):
             return AssetKey([dbt_resource_props["name"]])
         return super().get_asset_key(dbt_resource_props)
+
+    def get_asset_spec(
+        self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None
+    ) -> AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        if spec.key == ORDER_STATUS_KEY:
+            return spec.replace_attributes(freshness_policy=ORDER_STATUS_FRESHNESS)
+        return spec
 
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
         if dbt_resource_props["resource_type"] == "seed":
