@@ -84,9 +84,10 @@ def psycopg2_url(dsn: str) -> str:
     )
 
 
-def dagster_home(path: Path, storage_dsn: str) -> Path:
-    """deploy/dagster.yaml, with Postgres storage in its own database and telemetry off."""
-    config = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text()) or {}
+def dagster_home(path: Path, storage_dsn: str, source: Path) -> Path:
+    """The instance config (deploy/dagster.yaml unless --dagster-yaml), with Postgres storage in
+    its own database and telemetry off."""
+    config = yaml.safe_load(source.read_text()) or {}
     config["storage"] = {"postgres": {"postgres_url": psycopg2_url(storage_dsn)}}
     config["telemetry"] = {"enabled": False}
     path.mkdir(parents=True, exist_ok=True)
@@ -225,11 +226,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def orchestrated(
-    services: landing_bench.Services, tmp: Path, *, topic: str, dsn: str, extra: dict[str, str]
+    services: landing_bench.Services,
+    tmp: Path,
+    *,
+    topic: str,
+    dsn: str,
+    extra: dict[str, str],
+    dagster_yaml: Path,
 ) -> Iterator[Daemon]:
     name = f"dagster_{uuid.uuid4().hex[:8]}"
     storage = services.database(name)
-    home = dagster_home(tmp / "dagster_home", storage)
+    home = dagster_home(tmp / "dagster_home", storage, dagster_yaml)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERFLOW_", "DAGSTER_"))} | {
         "DAGSTER_HOME": str(home),
         "ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS": services.bootstrap,
@@ -373,7 +380,12 @@ def burst(services: landing_bench.Services, args: argparse.Namespace) -> dict:
         with (
             tempfile.TemporaryDirectory() as tmp,
             orchestrated(
-                services, Path(tmp), topic=topic, dsn=dsn, extra=args.daemon_env
+                services,
+                Path(tmp),
+                topic=topic,
+                dsn=dsn,
+                extra=args.daemon_env,
+                dagster_yaml=args.dagster_yaml,
             ) as daemon,
         ):
             services.checkpoint()
@@ -482,7 +494,12 @@ def steady(services: landing_bench.Services, args: argparse.Namespace, rate: int
         with (
             tempfile.TemporaryDirectory() as tmp,
             orchestrated(
-                services, Path(tmp), topic=topic, dsn=dsn, extra=args.daemon_env
+                services,
+                Path(tmp),
+                topic=topic,
+                dsn=dsn,
+                extra=args.daemon_env,
+                dagster_yaml=args.dagster_yaml,
             ) as daemon,
         ):
             for sensor in SENSORS:
@@ -610,6 +627,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rates", default="1000,5000")
     parser.add_argument("--steady-seconds", type=int, default=600)
     parser.add_argument("--sample-every", type=int, default=200)
+    parser.add_argument(
+        "--dagster-yaml",
+        type=Path,
+        default=REPO / "deploy" / "dagster.yaml",
+        help="instance config to run with (storage is replaced by a Postgres database)",
+    )
     parser.add_argument("--use-env", action="store_true")
     parser.add_argument("--keep-stack", action="store_true")
     parser.add_argument(

@@ -17,7 +17,7 @@ _schema_ready: set[str] = set()
 # A run costs seconds to start and the landing streams in chunks, so a range that is behind
 # takes up to a few seconds of landing (~100k events/s), and one planned beside a range in flight
 # waits for enough offsets to be worth its run. See docs/benchmarks.md.
-DEFAULT_MAX_EVENTS_PER_BATCH = 250_000
+DEFAULT_MAX_EVENTS_PER_BATCH = 500_000
 DEFAULT_MIN_EVENTS_PER_BATCH = 2_000
 
 

@@ -17,6 +17,7 @@ Both ways of running dbt also pin its sessions to READ COMMITTED, READ WRITE thr
 """
 
 # No `from __future__ import annotations`: Dagster inspects the asset function's annotations.
+import importlib.metadata
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from dagster_dbt import (
     DbtProject,
     dbt_assets,
 )
+from packaging import version
 
 from orderflow_dagster import faults
 from orderflow_dagster.land.session import TRANSACTION_DEFAULTS, libpq_options, with_options
@@ -340,6 +343,20 @@ def crash_halfway(events: Iterable[Any], expected: int, dbt_pid: int) -> Iterato
             faults.crash_point("in_dbt", children=[dbt_pid])
 
 
+class OrderflowDbtCliResource(DbtCliResource):
+    """dagster-dbt's resource, without the `dbt --version` subprocess it starts in every run to
+    learn the version (about 2 s of a dbt import): when the executable is the dbt installed beside
+    this Python, the version is that of the dbt-core package this process sees."""
+
+    @cached_property
+    def _cli_version(self) -> version.Version:
+        if Path(self.dbt_executable).parent == Path(sys.executable).parent:
+            return version.parse(importlib.metadata.version("dbt-core"))
+        return super()._cli_version
+
+
 def dbt_resource() -> DbtCliResource:
     """The `dbt` resource `orderflow_dbt_models` needs."""
-    return DbtCliResource(project_dir=orderflow_dbt_project, dbt_executable=dbt_executable())
+    return OrderflowDbtCliResource(
+        project_dir=orderflow_dbt_project, dbt_executable=dbt_executable()
+    )
