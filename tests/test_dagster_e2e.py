@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
+from dagster import AssetCheckKey, AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
 from dagster._core.scheduler.instigation import InstigatorType
 
 from orderflow_dagster.defs.assets import offset_ranges
@@ -205,6 +205,20 @@ def test_sensor_path_through_the_real_daemon_lands_a_stream_with_lag_zero(
             assert by_id[run_id].tags[PARTITION_TAG] == key
         assert set(instance.get_dynamic_partitions(offset_ranges.name)) == keys
         assert instance.get_materialized_partitions(ASSET) == keys
+
+        # every landing reports the topic's lag, as metadata the UI plots and as the kafka_lag
+        # check; the last landing to commit saw nothing left
+        materializations = instance.fetch_materializations(ASSET, limit=1000).records
+        lags = [m.asset_materialization.metadata["topic_lag"].value for m in materializations]
+        assert len(lags) == len(keys) and min(lags) == 0 and all(lag >= 0 for lag in lags)
+        checks = instance.event_log_storage.get_asset_check_execution_history(
+            AssetCheckKey(ASSET, "kafka_lag"), limit=1000
+        )
+        assert {c.run_id for c in checks} == {r.run_id for r in runs}
+        assert sorted(
+            c.event.dagster_event.event_specific_data.asset_check_evaluation.metadata["lag"].value
+            for c in checks
+        ) == sorted(lags)
 
         # and the sensor itself reports the topic caught up
         tick = wait_until(

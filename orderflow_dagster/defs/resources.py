@@ -62,7 +62,9 @@ class LandingSettings(ConfigurableResource):
     max_events_per_batch: int = DEFAULT_MAX_EVENTS_PER_BATCH
     # while a range of a partition is in flight, the next waits until this many offsets do
     min_events_per_batch: int = DEFAULT_MIN_EVENTS_PER_BATCH
-    max_inflight: int = 2
+    # one range per partition in flight: landings of a partition take its lock one at a time
+    # anyway, and a range planned while another waits would be cut before the lag it could carry
+    max_inflight: int = 1
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # a failed range is re-requested only after this long, so Dagster's own run retries go first
     retry_grace_seconds: int = 30
@@ -91,7 +93,7 @@ def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
             min_events_per_batch=settings.env_int(
                 "ORDERFLOW_MIN_EVENTS_PER_BATCH", DEFAULT_MIN_EVENTS_PER_BATCH
             ),
-            max_inflight=settings.env_int("ORDERFLOW_MAX_INFLIGHT", 2),
+            max_inflight=settings.env_int("ORDERFLOW_MAX_INFLIGHT", 1),
             max_message_bytes=settings.env_int(
                 "ORDERFLOW_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES
             ),
