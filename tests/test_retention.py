@@ -178,3 +178,27 @@ def test_retention_never_retires_a_range_that_has_not_landed(
     assert message.startswith(f"retired {len(first)} of {len(first) + len(second)}"), message
     assert f"{len(second)} {lifecycle.KEPT_UNLANDED}" in message
     instance.dispose()
+
+
+def test_partitions_kept_at_the_head_never_stop_retirement_behind_them(
+    cli_env, topic, kafka_bootstrap, tmp_path
+):
+    env = cli_env(group=f"retention-sweep-{topic}", max_events_per_batch=1000)
+    instance = dagster_instance(tmp_path / "dagster")
+    # the oldest partitions name no range: never retired, they fill every head page
+    foreign = [f"hand-made-{i}" for i in range(3)]
+    instance.add_dynamic_partitions(offset_ranges.name, foreign)
+    retention = RetentionSettings(retention_hours=0, max_partitions=0, max_per_tick=2)
+    resources = pipeline_resources(env, retention, max_inflight=1)
+    produce_orders(kafka_bootstrap, topic, 20, seed=1)
+    ranges = plan_tick(instance, resources)
+    land(instance, resources, ranges)
+    assert len(ranges) == 4
+    cursor, messages = None, []
+    # each tick reads the head page and one page further on, two keys each
+    for _ in range(4):
+        message, cursor = retention_tick(instance, resources, cursor)
+        messages.append(message)
+    assert partitions(instance) == set(foreign), messages
+    assert any(f"{lifecycle.KEPT_FOREIGN}" in m for m in messages)
+    instance.dispose()
