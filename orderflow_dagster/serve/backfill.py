@@ -30,6 +30,7 @@ import psycopg
 from confluent_kafka import TopicPartition
 
 from orderflow_dagster import settings
+from orderflow_dagster.ingest.errors import KafkaUnavailableError
 from orderflow_dagster.land import kafka_source, lifecycle, lifecycle_store, session, store
 from orderflow_dagster.land.landing import origin
 from orderflow_dagster.land.lifecycle import PartitionLog, WindowError
@@ -116,10 +117,12 @@ def window_spans(
     found = {}
     for bound, ms in (("since", since_ms), ("until", until_ms)):
         asked = [TopicPartition(kafka, p, ms) for p in partitions]
-        found[bound] = {
-            tp.partition: (tp.offset if tp.offset >= 0 else None)
-            for tp in consumer.offsets_for_times(asked, timeout=10)
-        }
+        answers = consumer.offsets_for_times(asked, timeout=10)
+        failed = [tp.error for tp in answers if tp.error is not None]
+        if failed:
+            raise KafkaUnavailableError(failed[0])
+        # -1: no record at or after that time
+        found[bound] = {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in answers}
     spans = {}
     for p in partitions:
         low, high = marks[p]
