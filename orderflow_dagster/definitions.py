@@ -12,6 +12,7 @@ from dagster import Definitions, in_process_executor
 from orderflow_dagster.defs.assets import raw_order_events
 from orderflow_dagster.defs.checks import order_status_staleness
 from orderflow_dagster.defs.resources import resources_from_env
+from orderflow_dagster.defs.retention import partition_retention_sensor
 from orderflow_dagster.defs.sensors import (
     dbt_after_landing_sensor,
     dbt_job,
@@ -23,7 +24,7 @@ defs = Definitions(
     assets=[raw_order_events, orderflow_dbt_models],
     asset_checks=[order_status_staleness],
     jobs=[dbt_job],
-    sensors=[kafka_offset_ranges_sensor, dbt_after_landing_sensor],
+    sensors=[kafka_offset_ranges_sensor, dbt_after_landing_sensor, partition_retention_sensor],
     resources={**resources_from_env(), "dbt": dbt_resource()},
     executor=in_process_executor,
 )

@@ -72,6 +72,36 @@ class LandingSettings(ConfigurableResource):
     max_dead_letter_share: float = 0.05
 
 
+class RetentionSettings(ConfigurableResource):
+    """How long landed ranges stay partitions of raw_order_events (see defs/retention.py). The
+    ledger keeps every range whatever happens to its partition."""
+
+    # a landed range is retired this long after its last landing, run or re-add for backfill
+    retention_hours: float = 24.0
+    # at most this many partitions: beyond it the oldest landed ones go sooner (0: no bound)
+    max_partitions: int = 20_000
+    # partitions retired by one tick, and partition keys one tick reads per look
+    max_per_tick: int = 1_000
+    # delete the runs of a retired partition with it (their event logs go with them)
+    retire_runs: bool = True
+
+    @property
+    def retention_seconds(self) -> float:
+        return self.retention_hours * 3600.0
+
+
+def retention_from_env() -> RetentionSettings:
+    defaults = RetentionSettings()
+    return RetentionSettings(
+        retention_hours=settings.env_float(
+            "ORDERFLOW_PARTITION_RETENTION_HOURS", defaults.retention_hours
+        ),
+        max_partitions=settings.env_int("ORDERFLOW_MAX_PARTITIONS", defaults.max_partitions),
+        max_per_tick=settings.env_int("ORDERFLOW_PARTITION_RETIRE_PER_TICK", defaults.max_per_tick),
+        retire_runs=settings.env_flag("ORDERFLOW_PARTITION_RETIRE_RUNS", defaults.retire_runs),
+    )
+
+
 def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
     """The resources, with the secrets as `EnvVar`s that Dagster resolves at run time, or, for
     code that uses them outside a Dagster run (`resolved=True`), read from the environment now."""
@@ -100,4 +130,5 @@ def resources_from_env(*, resolved: bool = False) -> dict[str, object]:
             retry_grace_seconds=settings.env_int("ORDERFLOW_RETRY_GRACE_SECONDS", 30),
             max_dead_letter_share=float(os.environ.get("ORDERFLOW_MAX_DEAD_LETTER_SHARE") or 0.05),
         ),
+        "retention": retention_from_env(),
     }

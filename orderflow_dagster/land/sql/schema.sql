@@ -397,3 +397,12 @@ $$;
 alter table raw.order_events add column if not exists xact_id bigint not null
     default (pg_current_xact_id()::text::bigint);
 create index if not exists order_events_xact_id on raw.order_events using brin (xact_id);
+
+-- Partitions `orderflow backfill` added to Dagster again (the retention sensor retires landed
+-- ranges' partitions; the ledger keeps them). Retention keeps each for a whole retention from
+-- readded_at, so it can be backfilled in the UI. selection: the window the operator asked for.
+create table if not exists raw.backfill_readds (
+    partition_key    text        primary key,
+    readded_at       timestamptz not null default now(),
+    selection        text        not null
+);
