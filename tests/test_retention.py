@@ -50,6 +50,8 @@ def pipeline_resources(
         "landing": LandingSettings(
             max_events_per_batch=int(env["ORDERFLOW_MAX_EVENTS_PER_BATCH"]),
             max_inflight=max_inflight,
+            # every tick plans what waits, however little: ranges land between ticks here
+            min_events_per_batch=1,
         ),
         "retention": retention,
     }
