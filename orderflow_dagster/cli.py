@@ -2,8 +2,9 @@
 
 Each command lives beside the code it drives and registers itself here, so this file only wires
 them up: `stack` (local services), `produce` (demo and benchmark streams), `catch-up` (plan, land
-and model until the lag is zero), `dlq` (dead letters), `verify` (the invariants) and `ack-loss`
-(record offsets retention deleted before they landed).
+and model until the lag is zero), `dlq` (dead letters), `verify` (the invariants), `ack-loss`
+(record offsets retention deleted before they landed) and `serve` (the Dagster webserver and
+daemon, headless).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ COMMAND_MODULES = (
     "orderflow_dagster.serve.dlq",
     "orderflow_dagster.serve.verify",
     "orderflow_dagster.serve.ack_loss",
+    "orderflow_dagster.serve.serve",
 )
 
 # exit status when the Kafka configuration in the environment would weaken exactly-once
