@@ -3,8 +3,9 @@
 Each command lives beside the code it drives and registers itself here, so this file only wires
 them up: `stack` (local services), `produce` (demo and benchmark streams), `catch-up` (plan, land
 and model until the lag is zero), `dlq` (dead letters), `verify` (the invariants), `ack-loss`
-(record offsets retention deleted before they landed) and `backfill` (add retired ranges of a
-window of offsets or time to Dagster again).
+(record offsets retention deleted before they landed), `backfill` (add retired ranges of a
+window of offsets or time to Dagster again) and `serve` (the Dagster webserver and daemon,
+headless).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMAND_MODULES = (
     "orderflow_dagster.serve.verify",
     "orderflow_dagster.serve.ack_loss",
     "orderflow_dagster.serve.backfill",
+    "orderflow_dagster.serve.serve",
 )
 
 # exit status when the Kafka configuration in the environment would weaken exactly-once

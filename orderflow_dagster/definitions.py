@@ -1,4 +1,5 @@
-"""The Dagster code location: `dagster dev -m orderflow_dagster.definitions` (or workspace.yaml).
+"""The Dagster code location, served by `orderflow serve` (or `dagster dev -m
+orderflow_dagster.definitions`, or workspace.yaml).
 
 Lineage in the UI: raw_order_events (one partition per Kafka offset range) -> staging -> marts.
 

@@ -1,36 +1,28 @@
 """`make demo`: the whole platform on one machine, from nothing to the Dagster UI.
 
 Starts the local stack, produces a demo stream (orders with duplicates, out-of-order events and
-poison messages), catches up in-process, prints a summary, then serves the Dagster UI with the
-daemon and the planning sensor running, until Ctrl-C.
+poison messages), catches up in-process, prints a summary, then runs `orderflow serve` (the
+Dagster UI, the daemon and the planning sensor, on Dagster storage in the stack's Postgres) until
+Ctrl-C, which stops every Dagster process.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from orderflow_dagster import settings
+from orderflow_dagster.serve import serve
 from orderflow_dagster.serve.catch_up import EXIT_MARTS_OUT_OF_DATE
 
 DEMO_ORDERS = int(os.environ.get("ORDERFLOW_DEMO_ORDERS", "3000"))
-UI_PORT = os.environ.get("ORDERFLOW_UI_PORT", "3000")
+UI_PORT = int(os.environ.get("ORDERFLOW_UI_PORT", "3000"))
 
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
-
-
-def _dagster_home() -> Path:
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.orderflow_home() / "dagster")
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        shutil.copy(Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml", config)
-    return home
 
 
 def main() -> int:
@@ -39,7 +31,13 @@ def main() -> int:
     _say("starting Kafka and PostgreSQL (first run downloads Kafka from Maven Central)")
     info = manager.start(manager.StackConfig.from_env())
     os.environ.update(info.env())
-    os.environ["DAGSTER_HOME"] = str(_dagster_home())
+    # before the catch-up, so that its runs are in the instance the UI shows
+    try:
+        instance = serve.prepare_instance(os.environ)
+    except Exception as exc:
+        _say(f"could not prepare the Dagster instance: {settings.redact_dsn(str(exc))}")
+        return 1
+    os.environ.update(instance.env)
     bin_dir = Path(sys.executable).parent
     orderflow = str(bin_dir / "orderflow")
 
@@ -69,25 +67,9 @@ def main() -> int:
         _say("catch-up failed; see above")
         return caught_up.returncode
 
-    _say(f"serving the Dagster UI on http://127.0.0.1:{UI_PORT} (Ctrl-C to stop)")
     _say("the sensor keeps landing whatever you produce next: `.venv/bin/orderflow produce`")
     _say("stop the services afterwards with `make stack-down`")
-    try:
-        return subprocess.run(
-            [
-                str(bin_dir / "dagster"),
-                "dev",
-                "-m",
-                "orderflow_dagster.definitions",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                UI_PORT,
-            ],
-            cwd=Path(__file__).resolve().parents[1],
-        ).returncode
-    except KeyboardInterrupt:
-        return 0
+    return serve.serve(host="127.0.0.1", port=UI_PORT, instance=instance)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ DEFAULT_CONSUMER_GROUP = "orderflow"
 DEFAULT_KAFKA_PORT = 9092
 # 5432 is usually taken by a system Postgres; this one is ours.
 DEFAULT_POSTGRES_PORT = 15432
+# Dagster's own storage (runs, event logs, ticks): a database of its own beside the pipeline's
+DEFAULT_DAGSTER_DATABASE = "dagster"
 
 # librdkafka properties pass through as ORDERFLOW_KAFKA_CONFIG_<NAME>, '_' standing for '.', so
 # ORDERFLOW_KAFKA_CONFIG_SASL_MECHANISMS=PLAIN becomes sasl.mechanisms=PLAIN.

@@ -30,6 +30,7 @@ from confluent_kafka import Consumer
 from dagster import DagsterInstance
 
 from orderflow_dagster.land import kafka_source
+from orderflow_dagster.pools import apply_pool_limits
 from tests.support import produce_orders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +49,9 @@ def free_port() -> int:
 
 
 def make_dagster_home(path: Path) -> Path:
-    """A DAGSTER_HOME configured like the demo's, from `deploy/dagster.yaml` (queued runs, run
-    retries, run monitoring), with SQLite storage inside `path`. The test only makes the run queue
-    poll every second; settings the shipped file lacks get the defaults below."""
+    """A DAGSTER_HOME configured like the demo's, from `deploy/dagster.yaml` (queued runs, pools,
+    run retries, run monitoring), with SQLite storage inside `path`. The run queue polls every
+    second; settings the shipped file lacks get the defaults below."""
     config = yaml.safe_load(DEPLOY_CONFIG.read_text()) if DEPLOY_CONFIG.exists() else {}
     config = config or {}
     config["storage"] = {"sqlite": {"base_dir": str(path / "storage")}}
@@ -73,6 +74,16 @@ def make_dagster_home(path: Path) -> Path:
     return path
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without its ORDERFLOW_* and DAGSTER_* variables, so a
+    developer's shell cannot redirect a test's processes."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ORDERFLOW_", "DAGSTER_")) or k.startswith("ORDERFLOW_TEST_")
+    }
+
+
 def orderflow_env(
     *,
     dagster_home: Path,
@@ -82,13 +93,8 @@ def orderflow_env(
     consumer_group: str,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of a Dagster process pointed at the test stack. Inherited ORDERFLOW_* and
-    DAGSTER_* variables are dropped so a developer's shell cannot redirect the test."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ORDERFLOW_", "DAGSTER_")) or k.startswith("ORDERFLOW_TEST_")
-    }
+    """The environment of a Dagster process pointed at the test stack (see `clean_environ`)."""
+    env = clean_environ()
     env.update(
         {
             "DAGSTER_HOME": str(dagster_home),
@@ -219,6 +225,40 @@ def dagster_webserver(env: Mapping[str, str], log_dir: Path, port: int):
     return running("dagster-webserver", argv, env=env, log_dir=log_dir)
 
 
+def orderflow_serve(
+    env: Mapping[str, str], log_dir: Path, port: int, name: str = "orderflow-serve"
+):
+    """`orderflow serve` (code server, daemon, webserver) with the UI on `port`. Teardown sends
+    SIGTERM to serve alone (its children run in sessions of their own) and checks that nothing
+    of the tree it saw survives."""
+    argv = [sys.executable, "-m", "orderflow_dagster.cli", "serve", "--port", str(port)]
+    return running(name, argv, env=env, log_dir=log_dir)
+
+
+# what each process of `orderflow serve`'s tree is, from its command line
+SERVE_ROLES = {
+    "code server": "api grpc",
+    "daemon": "dagster-daemon",
+    "webserver": "dagster-webserver",
+    # the code server starts each run in a multiprocessing child
+    "run worker": "multiprocessing.spawn",
+}
+
+
+def serve_tree(proc: ManagedProcess) -> dict[str, list[psutil.Process]]:
+    """The live descendants of `orderflow serve`, by role (see SERVE_ROLES)."""
+    out: dict[str, list[psutil.Process]] = {role: [] for role in SERVE_ROLES}
+    with suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with suppress(psutil.Error):
+                command = " ".join(child.cmdline())
+                for role, marker in SERVE_ROLES.items():
+                    if marker in command:
+                        out[role].append(child)
+                        break
+    return out
+
+
 def wait_until(
     probe: Callable[[], T | None],
     *,
@@ -327,4 +367,6 @@ def open_testbed(
     # opened (and its SQLite storage created) before any Dagster process starts, so they never
     # race to initialise it
     instance = DagsterInstance.from_config(str(home))
+    # the pools' limits `orderflow serve` sets (dagster.yaml gives an unset pool one slot)
+    apply_pool_limits(instance, env)
     return Testbed(outgoing, home, group, env, conn, consumer, instance)

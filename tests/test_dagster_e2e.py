@@ -125,13 +125,16 @@ class Progress:
         )
 
 
-def wait_for_daemon_to_land(bed, topic: str, daemon, who: str) -> Invariants:
+def wait_for_daemon_to_land(
+    bed, topic: str, daemon, who: str, timeout_s: float = LAND_TIMEOUT_S
+) -> Invariants:
     """Wait until the running `daemon` has landed and committed every message of the testbed's
-    stream; fail early if the daemon dies, with the pipeline's state in the message."""
+    stream; fail early if the daemon dies, with the pipeline's state in the message. `bed` needs
+    `conn`, `consumer`, `instance` and `outgoing`, as a `Testbed` has."""
     progress = Progress(bed.conn, bed.consumer, bed.instance, topic, len(bed.outgoing))
     return wait_until(
         progress.landed_everything,
-        timeout_s=LAND_TIMEOUT_S,
+        timeout_s=timeout_s,
         interval_s=2.0,
         what=f"{who} to land all {len(bed.outgoing)} messages of {topic}",
         watch=[daemon],

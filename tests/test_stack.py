@@ -166,7 +166,13 @@ def test_up_status_down_through_the_cli(stack_env: dict[str, str]) -> None:
     assert len(topics[cfg.dlq_topic].partitions) == 1
     with psycopg.connect(dsn) as conn:
         row = conn.execute("select 1, current_database(), current_user").fetchone()
+        # the database `orderflow serve` keeps Dagster's storage in, beside the pipeline's
+        databases = conn.execute(
+            "select datname, pg_get_userbyid(datdba) from pg_database"
+            " where datname in ('orderflow', 'dagster') order by 1"
+        ).fetchall()
     assert row == (1, "orderflow", "orderflow")
+    assert databases == [("dagster", "orderflow"), ("orderflow", "orderflow")]
 
     # `up` again leaves the running services alone and prints the same exports.
     pids = (kafka.pid(), postgres.pid())

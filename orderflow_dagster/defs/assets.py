@@ -27,6 +27,7 @@ from orderflow_dagster.land import kafka_source
 from orderflow_dagster.land.incarnations import IncarnationError
 from orderflow_dagster.land.landing import LandingResult, land_range
 from orderflow_dagster.land.ranges import OffsetRange, kafka_topic
+from orderflow_dagster.pools import LANDING_POOL
 
 offset_ranges = DynamicPartitionsDefinition(name="kafka_offset_ranges")
 
@@ -82,6 +83,8 @@ def landing_metadata(result: LandingResult, topic_lag: int | None = None) -> dic
     partitions_def=offset_ranges,
     group_name="ingest",
     retry_policy=TRANSIENT_RETRY,
+    # bounds the landings running at once (orderflow_dagster/pools.py)
+    pool=LANDING_POOL,
     kinds={"kafka", "postgres"},
     check_specs=[
         AssetCheckSpec(

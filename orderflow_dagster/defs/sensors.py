@@ -103,8 +103,6 @@ dbt_job = define_asset_job(
     "orderflow_dbt_job",
     selection=AssetSelection.groups("staging", "marts"),
     description="dbt build of the staging and mart models, with their tests as asset checks.",
-    # deploy/dagster.yaml limits runs with this tag to one, so landing keeps its run slots
-    tags={"orderflow/stage": "dbt"},
 )
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from orderflow_dagster.settings import DEFAULT_DAGSTER_DATABASE
 from orderflow_dagster.stack._proc import (
     StackError,
     child_pids,
@@ -46,8 +47,10 @@ from orderflow_dagster.stack._proc import (
     write_private,
 )
 
-ROLE = "orderflow"  # the superuser role initdb creates, also the owner of DATABASE
+ROLE = "orderflow"  # the superuser role initdb creates, also the owner of the databases
 DATABASE = "orderflow"
+# Dagster's storage, when `orderflow serve` runs against this server
+DAGSTER_DATABASE = DEFAULT_DAGSTER_DATABASE
 SERVICE_USER = "orderflow"  # OS user the server runs as when we are root
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 60
@@ -159,7 +162,7 @@ class PostgresServer:
 
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
         """Start the server unless it already runs, wait until it answers, and make sure the
-        `orderflow` database exists."""
+        `orderflow` and `dagster` databases exist."""
         if not self.is_running():
             stale_pid = read_pid(self.pid_file)
             if stale_pid is not None:  # left by a crash; its process may not be reaped yet
@@ -300,19 +303,20 @@ class PostgresServer:
         from psycopg import sql
 
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            exists = conn.execute(
-                "select 1 from pg_database where datname = %s", (DATABASE,)
-            ).fetchone()
-            if exists:
-                return
-            log(f"creating database {DATABASE}")
-            # A concurrent `up` may have created it in between; that is fine.
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                conn.execute(
-                    sql.SQL("create database {} owner {}").format(
-                        sql.Identifier(DATABASE), sql.Identifier(ROLE)
+            for name in (DATABASE, DAGSTER_DATABASE):
+                exists = conn.execute(
+                    "select 1 from pg_database where datname = %s", (name,)
+                ).fetchone()
+                if exists:
+                    continue
+                log(f"creating database {name}")
+                # A concurrent `up` may have created it in between; that is fine.
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                    conn.execute(
+                        sql.SQL("create database {} owner {}").format(
+                            sql.Identifier(name), sql.Identifier(ROLE)
+                        )
                     )
-                )
 
     def _run(self, *command: str) -> subprocess.CompletedProcess[str]:
         """Run a Postgres tool, as the service user when we are root."""

@@ -43,6 +43,7 @@ from packaging import version
 
 from orderflow_dagster import faults
 from orderflow_dagster.land.session import TRANSACTION_DEFAULTS, libpq_options, with_options
+from orderflow_dagster.pools import DBT_POOL
 from orderflow_dagster.settings import repo_root
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
@@ -316,6 +317,8 @@ def past_halfway(line: str) -> bool:
     dagster_dbt_translator=OrderflowDbtTranslator(),
     project=orderflow_dbt_project,
     name="orderflow_dbt",
+    # one build at a time, however it was launched (orderflow_dagster/pools.py)
+    pool=DBT_POOL,
 )
 def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
     """`dbt build` of the selected models, seeds and data tests, streamed as Dagster events."""
