@@ -46,10 +46,12 @@ import landing as landing_bench  # bench/landing.py, beside this script
 import psycopg
 import yaml
 from _common import log
+from dagster import DagsterInstance
 from psycopg import sql
 
 from orderflow_dagster.ingest.generator import generate
 from orderflow_dagster.ingest.producer import EventProducer
+from orderflow_dagster.pools import apply_pool_limits
 from orderflow_dagster.stack import manager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,6 +253,10 @@ def orchestrated(
         # the webserver first, to stop the sensors before the daemon could tick them: the
         # measurement starts when the landing sensor is switched on, everything already running
         daemon.start_webserver()
+        # the pools' limits live in the instance's storage; `orderflow serve` sets them the same way
+        instance = DagsterInstance.from_config(str(home))
+        apply_pool_limits(instance, env)
+        instance.dispose()
         for sensor in SENSORS:
             daemon.set_sensor(sensor, running=False)
         daemon.start_daemon()
