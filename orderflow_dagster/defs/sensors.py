@@ -29,6 +29,7 @@ from orderflow_dagster.defs.launch import (
 from orderflow_dagster.defs.resources import KafkaResource, LandingSettings, PostgresResource
 from orderflow_dagster.land.landing import repair_kafka_commits
 from orderflow_dagster.land.planner import lost_message, plan_ranges
+from orderflow_dagster.land.store import raw_marker_counts
 
 PARTITION_TAG = "dagster/partition"
 
@@ -43,6 +44,13 @@ def runs_by_partition(instance: DagsterInstance, keys: list[str]) -> dict[str, l
             RunInfo(run.status.value, record.end_time)
         )
     return out
+
+
+def missing_partitions(instance: DagsterInstance, name: str, keys: list[str]) -> list[str]:
+    """The `keys` not yet partitions of the dynamic partitions definition `name`: one indexed
+    lookup per key asked about (the unlanded ranges, a few per Kafka partition), never the
+    definition's whole key set, which grows by a key per range landed."""
+    return [k for k in keys if not instance.has_dynamic_partition(name, k)]
 
 
 @sensor(
@@ -79,8 +87,7 @@ def kafka_offset_ranges_sensor(
         context.log.warning(lost_message(plan.lost))
 
     keys = [r.key for r in plan.unlanded]
-    known = set(context.instance.get_dynamic_partitions(offset_ranges.name))
-    to_add = [k for k in keys if k not in known]
+    to_add = missing_partitions(context.instance, offset_ranges.name, keys)
     todo = launches(
         keys,
         runs_by_partition(context.instance, keys),
@@ -120,11 +127,9 @@ def dbt_after_landing_sensor(
     context: SensorEvaluationContext, postgres: PostgresResource
 ) -> RunRequest | SkipReason:
     with postgres.connect() as conn:
-        ranges, last_landed, replays, last_replayed = conn.execute(
-            "select (select count(*) from raw.ingest_ledger),"
-            " (select max(landed_at) from raw.ingest_ledger),"
-            " count(*), max(replayed_at) from raw.replay_log where rows_replayed > 0"
-        ).fetchone()
+        counts = raw_marker_counts(conn)  # counters and an index: no count(*) over the history
+    ranges, last_landed = counts.ledger_rows, counts.last_landed_at
+    replays, last_replayed = counts.replays, counts.last_replayed_at
     marker = raw_marker(ranges, last_landed, replays, last_replayed)
     running = context.instance.get_run_records(
         filters=RunsFilter(

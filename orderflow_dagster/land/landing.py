@@ -2,13 +2,16 @@
 
 The order of operations is the exactly-once argument:
 1. lock the Kafka partition in Postgres (advisory lock), so two runs never land it at once;
-2. read the ledger under that lock and skip every offset already landed (re-landing adds nothing);
+2. read the ledger under that lock and skip every offset already landed (re-landing adds nothing):
+   the partition's watermark (the end of its landed prefix) and the ledger rows above it, which
+   cover what the whole ledger covers;
 3. stream the remaining records from Kafka and COPY them in chunks (memory stays bounded), poison
    to raw.dead_letters with its reason, never failing the batch; derive the audit rows;
 4. settle against concurrent landings of other partitions (a copy of one of our events landed
    there meanwhile means: roll back and land again), insert the ledger row (one per gap, with
-   the log start offset Kafka reported before the read) and commit: rows, dead letters, audit
-   rows and ledger become visible together;
+   the log start offset Kafka reported before the read; the partition's watermark advances
+   with it, by trigger) and commit: rows, dead letters, audit rows, ledger and watermark become
+   visible together;
 5. only then commit to Kafka the end of the contiguous landed prefix (never past a gap).
 A crash anywhere before 4 leaves nothing; a crash between 4 and 5 leaves Kafka behind, which the
 next run or sensor tick repairs from the ledger (`repair_kafka_commit`).
@@ -47,7 +50,7 @@ from orderflow_dagster.land.parse import (
     copy_text,
     parse_event,
 )
-from orderflow_dagster.land.ranges import OffsetRange, contiguous_end, kafka_topic, uncovered
+from orderflow_dagster.land.ranges import OffsetRange, kafka_topic, uncovered
 from orderflow_dagster.tracing import tracer
 
 EVENT_COLUMNS = (
@@ -235,7 +238,8 @@ def _land_range(
         register_current(conn, consumer, kafka_topic(rng.topic))
     with conn.transaction():
         store.lock_partition_for_landing(conn, rng.topic, rng.partition)
-        spans = store.landed_spans(conn, rng.topic, rng.partition)
+        # the landed prefix and the few rows above it: what the whole ledger covers
+        spans = store.spans_above_watermark(conn, rng.topic, rng.partition)
         gaps = [] if (rng.start, rng.end) in spans else uncovered(rng.start, rng.end, spans)
         already = rng.size - sum(e - s for s, e in gaps)
         if gaps:
@@ -389,13 +393,9 @@ AUDIT_FROM_LANDING = (
 
 
 def origin(conn: psycopg.Connection, topic: str, partition: int) -> int | None:
-    row = conn.execute(
-        "select min(s) from (select start_offset as s from raw.ingest_plan"
-        " where topic = %s and kafka_partition = %s union all select start_offset"
-        " from raw.ingest_ledger where topic = %s and kafka_partition = %s) starts",
-        (topic, partition, topic, partition),
-    ).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
+    """Where the partition's first range starts (None if nothing was planned there)."""
+    mark = store.watermark(conn, topic, partition)
+    return None if mark is None else mark.origin
 
 
 def repair_kafka_commit(
@@ -454,8 +454,10 @@ def _repair_partition(
     low, log_end = marks
     with conn.transaction():
         store.lock_partition_for_landing(conn, inc.stream, partition)
-        start = origin(conn, inc.stream, partition)
-        target = contiguous_end(start, store.landed_spans(conn, inc.stream, partition))
+        # the watermark is the end of the landed prefix, kept with every ledger row: the
+        # repair reads one row, whatever the history
+        mark = store.watermark(conn, inc.stream, partition)
+        start, target = (None, None) if mark is None else (mark.origin, mark.landed_to)
         if target is not None and target > log_end:
             behind = [Behind(partition, log_end, target)]
             raise LogBehindLedgerError(inc.stream, inc.topic_id, behind)

@@ -1,8 +1,10 @@
 """Planning offset ranges: Kafka watermarks + the plan and ledger in Postgres -> new ranges.
 
 Reads only watermarks and the topic id (never payloads), so a tick costs a few round trips
-whatever the lag. The topic's planning lock makes concurrent planners (the sensor, `orderflow
-catch-up`) hand out disjoint ranges and register each incarnation of the topic once.
+whatever the lag; and of the plan and the ledger only each partition's ledger watermark and the
+rows above it (raw.ingest_watermarks), so it costs the same whatever the history. The topic's
+planning lock makes concurrent planners (the sensor, `orderflow catch-up`) hand out disjoint
+ranges and register each incarnation of the topic once.
 
 Ranges are planned for the topic's current stream (see incarnations.py): a deleted and
 re-created topic is planned from its low watermark as a stream of its own, and a log that ends
@@ -103,7 +105,7 @@ def plan_ranges(
     with conn.transaction():
         store.lock_topic_for_planning(conn, topic)
         inc, registered = _incarnation(conn, topic, topic_id)
-        progress = store.topic_progress(conn, inc.stream)
+        progress = store.progress_above_watermark(conn, inc.stream)
         behind = incarnations.log_behind(
             {p: progress.frontier(p) for p in progress.partitions()}, log_ends
         )
@@ -125,7 +127,6 @@ def plan_ranges(
             progress = store.TopicProgress({}, {})
         elif behind:
             raise LogBehindLedgerError(inc.stream, topic_id, behind)
-        store.record_high_watermarks(conn, inc, log_ends)
         states = {
             p: PartitionState(
                 partition=p,
@@ -148,6 +149,11 @@ def plan_ranges(
             )
         ]
         store.record_plan(conn, new, topic_id)
+        reached = {
+            p: max((r.end for r in new if r.partition == p), default=states[p].frontier)
+            for p in parts
+        }
+        store.record_high_watermarks(conn, inc, log_ends, reached)
         lost = lost_to_recreation(conn, topic, inc.stream)
     return Plan(
         inc.stream, new, sorted(progress.unlanded() + new), states, topic_id, registered, lost
@@ -201,12 +207,13 @@ def lost_to_recreation(
     conn: psycopg.Connection, topic: str, current_stream: str | None
 ) -> list[OffsetRange]:
     """The offsets the topic's retired streams planned or saw and never landed (see
-    incarnations.lost_spans)."""
+    incarnations.lost_spans): from their watermarks and the rows above them, so a tick reads no
+    history of theirs either."""
     lost = []
     for inc in store.incarnations(conn, topic):
         if inc.stream == current_stream:
             continue
-        progress = store.topic_progress(conn, inc.stream)
+        progress = store.progress_above_watermark(conn, inc.stream)
         lost += incarnations.lost_spans(
             inc.stream, progress.planned, progress.landed, inc.high_watermarks
         )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 
 import psycopg
@@ -76,6 +77,8 @@ def lock_topic_for_planning(conn: psycopg.Connection, topic: str) -> None:
 
 
 def landed_spans(conn: psycopg.Connection, topic: str, partition: int) -> list[tuple[int, int]]:
+    """Every ledger row of the partition, in offset order: its whole history, for checks and
+    tests. What a landing or a repair needs is `spans_above_watermark`."""
     rows = conn.execute(
         "select start_offset, end_offset from raw.ingest_ledger"
         " where topic = %s and kafka_partition = %s order by start_offset",
@@ -85,19 +88,69 @@ def landed_spans(conn: psycopg.Connection, topic: str, partition: int) -> list[t
 
 
 @dataclass(frozen=True)
+class Watermark:
+    """raw.ingest_watermarks of one partition: where its first range starts, and the end of the
+    contiguous landed prefix from there. Every offset in [origin, landed_to) is landed."""
+
+    origin: int
+    landed_to: int
+
+    @property
+    def prefix(self) -> list[tuple[int, int]]:
+        """The landed prefix as one span (none while nothing landed from the origin)."""
+        return [(self.origin, self.landed_to)] if self.landed_to > self.origin else []
+
+
+def watermark(conn: psycopg.Connection, topic: str, partition: int) -> Watermark | None:
+    """The partition's watermark; None when nothing was ever planned or landed there."""
+    row = conn.execute(
+        "select origin, landed_to from raw.ingest_watermarks"
+        " where topic = %s and kafka_partition = %s",
+        (topic, partition),
+    ).fetchone()
+    return None if row is None else Watermark(int(row[0]), int(row[1]))
+
+
+def spans_above_watermark(
+    conn: psycopg.Connection, topic: str, partition: int
+) -> list[tuple[int, int]]:
+    """What the partition's ledger covers, for a landing's coverage check: the landed prefix as
+    one span, then the ledger rows ending past it (the few landed out of order above a gap), in
+    offset order: see raw.above_watermarks. Their union is the ledger's union."""
+    rows = conn.execute(
+        "select origin, landed_to, start_offset, end_offset"
+        " from raw.above_watermarks(%s, %s, false)",
+        (topic, partition),
+    ).fetchall()
+    if not rows:
+        return []
+    mark = Watermark(int(rows[0][0]), int(rows[0][1]))
+    return mark.prefix + [(int(s), int(e)) for _, _, s, e in rows if s is not None]
+
+
+@dataclass(frozen=True)
 class TopicProgress:
-    """Plan and ledger of one topic, by Kafka partition."""
+    """Plan and ledger of one topic, by Kafka partition.
+
+    As `progress_above_watermark` reads it, `landed` starts with each partition's landed prefix
+    as one span (`settled` holds its watermark) and `planned` holds only the ranges ending past
+    it: every answer below is the one the whole plan and ledger would give."""
 
     planned: dict[int, list[OffsetRange]]
     landed: dict[int, list[tuple[int, int]]]
+    settled: dict[int, Watermark] = field(default_factory=dict)
 
     def frontier(self, partition: int) -> int | None:
         ends = [r.end for r in self.planned.get(partition, [])]
         ends += [e for _, e in self.landed.get(partition, [])]
+        if partition in self.settled:
+            ends.append(self.settled[partition].landed_to)
         return max(ends) if ends else None
 
     def origin(self, partition: int) -> int | None:
         """Where this partition's first range started: the prefix to commit starts here."""
+        if partition in self.settled:
+            return self.settled[partition].origin
         starts = [r.start for r in self.planned.get(partition, [])]
         starts += [s for s, _ in self.landed.get(partition, [])]
         return min(starts) if starts else None
@@ -117,10 +170,12 @@ class TopicProgress:
         return sorted(out)
 
     def partitions(self) -> set[int]:
-        return set(self.planned) | set(self.landed)
+        return set(self.planned) | set(self.landed) | set(self.settled)
 
 
 def topic_progress(conn: psycopg.Connection, topic: str) -> TopicProgress:
+    """The whole plan and ledger of a stream: for checks and tests. Planning, the loss count of
+    retired streams and ack-loss read `progress_above_watermark`, which gives the same answers."""
     planned: dict[int, list[OffsetRange]] = defaultdict(list)
     landed: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for p, s, e in conn.execute(
@@ -136,6 +191,51 @@ def topic_progress(conn: psycopg.Connection, topic: str) -> TopicProgress:
     ):
         landed[p].append((int(s), int(e)))
     return TopicProgress(dict(planned), dict(landed))
+
+
+def progress_above_watermark(conn: psycopg.Connection, topic: str) -> TopicProgress:
+    """Plan and ledger of a stream as far as they are not settled: per partition its watermark
+    and the rows ending past it (raw.above_watermarks). What a sensor tick reads, whatever the
+    length of the history."""
+    planned: dict[int, list[OffsetRange]] = defaultdict(list)
+    landed: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    settled: dict[int, Watermark] = {}
+    for p, origin, landed_to, is_plan, s, e in conn.execute(
+        "select * from raw.above_watermarks(%s, null, true)", (topic,)
+    ):
+        if p not in settled:
+            settled[p] = Watermark(int(origin), int(landed_to))
+            landed[p].extend(settled[p].prefix)
+        if is_plan:
+            planned[p].append(OffsetRange(topic, p, int(s), int(e)))
+        elif is_plan is not None:
+            landed[p].append((int(s), int(e)))
+    return TopicProgress(dict(planned), {p: v for p, v in landed.items() if v}, settled)
+
+
+@dataclass(frozen=True)
+class RawMarkerCounts:
+    """What has written raw so far, for the dbt sensor (see defs/launch.raw_marker)."""
+
+    ledger_rows: int
+    last_landed_at: datetime | None
+    replays: int  # replays that landed rows
+    last_replayed_at: datetime | None
+
+
+def raw_marker_counts(conn: psycopg.Connection) -> RawMarkerCounts:
+    """The ledger's row count and latest landing, and the replays that landed rows: from the
+    counters the triggers keep (one row per partition, per topic) and the landed_at index, so
+    the dbt sensor's tick reads no history. The counts equal count(*) of raw.ingest_ledger and
+    of raw.replay_log's rows that landed rows, so they change with every commit of either, in
+    whatever order the transactions began."""
+    row = conn.execute(
+        "select (select coalesce(sum(ledger_rows), 0)::bigint from raw.ingest_watermarks),"
+        " (select max(landed_at) from raw.ingest_ledger),"
+        " (select coalesce(sum(replays), 0)::bigint from raw.replay_totals),"
+        " (select max(last_replayed_at) from raw.replay_totals)"
+    ).fetchone()
+    return RawMarkerCounts(int(row[0]), row[1], int(row[2]), row[3])
 
 
 def record_plan(
@@ -279,13 +379,20 @@ def reassign_incarnation(conn: psycopg.Connection, stream: str, topic_id: str, r
 
 
 def record_high_watermarks(
-    conn: psycopg.Connection, incarnation: Incarnation, log_ends: dict[int, int]
+    conn: psycopg.Connection,
+    incarnation: Incarnation,
+    log_ends: dict[int, int],
+    reached: dict[int, int | None],
 ) -> None:
-    """Keep the greatest log end planning saw per partition: what a retired stream had in
-    Kafka, to count its lost offsets. Writes only when one grew."""
+    """Keep the greatest log end planning saw per partition beyond what it planned (`reached`:
+    the plan's frontier after this call): what a retired stream had in Kafka and never planned,
+    to count its lost offsets. Planned offsets count as seen already, so a tick that planned up
+    to the log end writes nothing; one writes only when a partition's unplanned end grew."""
     seen = dict(incarnation.high_watermarks)
     for p, end in log_ends.items():
-        seen[p] = max(seen.get(p, 0), end)
+        covered = reached.get(p)
+        if (covered is None or end > covered) and end > seen.get(p, 0):
+            seen[p] = end
     if seen != incarnation.high_watermarks:
         conn.execute(
             "update raw.topic_incarnations set high_watermarks = %s where stream = %s",

@@ -143,7 +143,9 @@ def find_losses(
         raise AckRefusedError(f"{topic} has no partition {unknown} (it has {parts})")
     selected = sorted(until) if until else parts
     store.lock_topic_for_planning(conn, kafka)
-    progress = store.topic_progress(conn, topic)
+    # the watermark and the rows above it: every offset below the watermark is landed, so
+    # nothing there can be lost, and the ranges that can hold a loss all end above it
+    progress = store.progress_above_watermark(conn, topic)
     out: list[Loss] = []
     for p in selected:
         store.lock_partition_for_landing(conn, topic, p)
@@ -155,7 +157,7 @@ def find_losses(
             topic,
             p,
             progress.planned.get(p, []),
-            store.landed_spans(conn, topic, p),
+            store.spans_above_watermark(conn, topic, p),
             log_start,
             until.get(p),
         )
@@ -172,13 +174,10 @@ def _retired_log_ends(conn: psycopg.Connection, consumer, stream: str) -> dict[i
     _, now = current_incarnation(conn, consumer, kafka)
     if now is not None and now.stream == stream:
         return None
-    progress = store.topic_progress(conn, stream)
+    progress = store.progress_above_watermark(conn, stream)
     ends: dict[int, int] = {}
     for p in progress.partitions() | set(mine.high_watermarks):
-        candidates = [r.end for r in progress.planned.get(p, [])]
-        candidates += [e for _, e in progress.landed.get(p, [])]
-        candidates.append(mine.high_watermarks.get(p, 0))
-        ends[p] = max(candidates)
+        ends[p] = max(progress.frontier(p) or 0, mine.high_watermarks.get(p, 0))
     return ends
 
 

@@ -66,6 +66,7 @@ def catch_up(
     # imported here: loading Dagster definitions is slow, and `--help` should not pay for it
     from orderflow_dagster.defs.assets import offset_ranges, raw_order_events
     from orderflow_dagster.defs.resources import resources_from_env
+    from orderflow_dagster.defs.sensors import missing_partitions
     from orderflow_dagster.land import kafka_source
     from orderflow_dagster.land.incarnations import Behind, LogBehindLedgerError
     from orderflow_dagster.land.landing import repair_kafka_commits
@@ -90,8 +91,7 @@ def catch_up(
         report.stream = plan.topic
         if not plan.unlanded:
             break
-        known = set(instance.get_dynamic_partitions(offset_ranges.name))
-        new_keys = [r.key for r in plan.unlanded if r.key not in known]
+        new_keys = missing_partitions(instance, offset_ranges.name, [r.key for r in plan.unlanded])
         if new_keys:
             instance.add_dynamic_partitions(offset_ranges.name, new_keys)
         for rng in plan.unlanded:

@@ -219,12 +219,17 @@ declare
     theirs record;
 begin
     perform pg_advisory_xact_lock(3858, hashtext(p_topic));
-    -- the landings of other partitions this one could not see (usually none): recent ledger rows
+    -- the landings of other partitions this one could not see (usually none): recent ledger rows.
+    -- Only xact_id is offered to the scan (offset 0), so it reads the rows written since the
+    -- snapshot's xmin: given the topic too, the planner may take an index that leads with it
+    -- and read the topic's whole ledger on every landing.
     for theirs in
         select start_offset, end_offset, kafka_partition
-        from raw.ingest_ledger
-        where xact_id >= pg_snapshot_xmin(p_snapshot)
-          and not pg_visible_in_snapshot(xact_id, p_snapshot)
+        from (select topic, kafka_partition, start_offset, end_offset, xact_id
+              from raw.ingest_ledger
+              where xact_id >= pg_snapshot_xmin(p_snapshot)
+              offset 0) recent
+        where not pg_visible_in_snapshot(xact_id, p_snapshot)
           and topic = p_topic and kafka_partition <> p_partition
     loop
         -- each of their rows probes the event_id index for a copy among ours (a scalar
@@ -406,3 +411,288 @@ create table if not exists raw.backfill_readds (
     readded_at       timestamptz not null default now(),
     selection        text        not null
 );
+
+-- ---------------------------------------------------------------------------------------------
+-- Watermarks: what planning, landing and the commit repair read instead of the whole history.
+-- Per (stream, Kafka partition): origin, where its first planned or landed range starts, and
+-- landed_to, the end of the contiguous landed prefix from there (what Kafka's committed offset may
+-- reach). Below landed_to every offset is covered by the ledger, so only plan and ledger rows that
+-- end past it say anything a tick, a landing or a repair needs; those are few (the ranges in
+-- flight and the ones landed out of order above a gap), whatever the history. Every ledger and
+-- plan row is kept: the ledger stays the truth (verify and stg_ingest_ledger read all of it), and
+-- the watermark is derived from it, in the transaction that writes it, by the triggers below.
+-- Plan rows below the watermark are never read again but kept too: deleting them would cost the
+-- landing a write per range to save a row each, and they hold when and under which topic id each
+-- range was planned, which verify checks.
+-- ledger_rows counts the partition's ledger rows, so the dbt sensor learns that something landed
+-- without counting the ledger.
+create table if not exists raw.ingest_watermarks (
+    topic            text        not null,
+    kafka_partition  integer     not null,
+    origin           bigint      not null,
+    landed_to        bigint      not null,
+    ledger_rows      bigint      not null,
+    primary key (topic, kafka_partition),
+    check (landed_to >= origin)
+);
+-- "rows ending past the watermark" as index range scans: plans and ledgers are disjoint per
+-- partition, so those are exactly the rows above it
+create index if not exists ingest_plan_end
+    on raw.ingest_plan (topic, kafka_partition, end_offset) include (start_offset);
+create index if not exists ingest_ledger_end
+    on raw.ingest_ledger (topic, kafka_partition, end_offset) include (start_offset);
+
+-- The end of the landed run of offsets from p_from: ledger rows ending past it, in start order,
+-- up to the first one that starts past everything before it. One sorted pass over the rows above
+-- p_from (a loop of lookups would be quadratic in them when a whole history is computed at once).
+create or replace function raw.landed_reach(p_topic text, p_partition integer, p_from bigint)
+returns bigint
+language sql stable
+-- a small ledger (a new deployment) would be scanned whole, and the rows above a watermark lie
+-- past the column statistics: index paths only, as in audit.log_landing
+set enable_seqscan = off
+as $$
+    -- materialized: the scan is chosen for its condition alone, not for the sort the window
+    -- needs (the primary key's order would save that sort, and read the whole partition)
+    with rows_above as materialized (
+        select start_offset, end_offset
+        from raw.ingest_ledger
+        where topic = p_topic and kafka_partition = p_partition and end_offset > p_from
+    ),
+    above as (
+        select start_offset as s, end_offset as e,
+               greatest(p_from, max(end_offset) over (order by start_offset, end_offset
+                   rows between unbounded preceding and 1 preceding)) as reach
+        from rows_above
+    ),
+    gap as (select min(s) as s from above where s > reach)
+    select greatest(p_from, max(above.e))
+    from above, gap
+    where gap.s is null or above.s < gap.s
+$$;
+
+-- What planning, a landing and ack-loss read of a stream's plan and ledger: per partition (all
+-- of them, or p_partition), its watermark and the rows ending past it, each an index range scan
+-- on (topic, kafka_partition, end_offset); the plan's only if p_with_plan. One statement, so a
+-- watermark and the rows above it are read as one commit left them. `offset 0` keeps the lateral
+-- subquery a subquery, so the planner cannot turn it into a join that reads a whole table.
+create or replace function raw.above_watermarks(
+    p_topic text, p_partition integer, p_with_plan boolean
+) returns table (
+    kafka_partition integer, origin bigint, landed_to bigint, planned boolean,
+    start_offset bigint, end_offset bigint
+)
+language sql stable
+set enable_seqscan = off
+as $$
+    select w.kafka_partition, w.origin, w.landed_to, above.planned, above.start_offset,
+           above.end_offset
+    from raw.ingest_watermarks w
+    left join lateral (
+        select true as planned, p.start_offset, p.end_offset
+        from raw.ingest_plan p
+        where p_with_plan and p.topic = w.topic and p.kafka_partition = w.kafka_partition
+          and p.end_offset > w.landed_to
+        union all
+        select false, l.start_offset, l.end_offset
+        from raw.ingest_ledger l
+        where l.topic = w.topic and l.kafka_partition = w.kafka_partition
+          and l.end_offset > w.landed_to
+        offset 0
+    ) above on true
+    where w.topic = p_topic and (p_partition is null or w.kafka_partition = p_partition)
+    order by w.kafka_partition, above.start_offset
+$$;
+
+-- A partition's watermark computed from all of its plan and ledger rows: for a partition seen for
+-- the first time (few rows), after rows were deleted or moved, and to backfill a deployment whose
+-- history predates the table. The row is locked before anything is read, so a concurrent writer's
+-- rows are either committed (and read: each statement of a read committed transaction sees what
+-- committed before it) or wait for this transaction.
+create or replace function raw.compute_watermark(p_topic text, p_partition integer) returns void
+language plpgsql
+as $$
+declare
+    v_origin bigint;
+begin
+    insert into raw.ingest_watermarks (topic, kafka_partition, origin, landed_to, ledger_rows)
+    values (p_topic, p_partition, 0, 0, 0) on conflict do nothing;
+    perform from raw.ingest_watermarks
+    where topic = p_topic and kafka_partition = p_partition for update;
+    select min(s) into v_origin from (
+        (select start_offset from raw.ingest_plan
+         where topic = p_topic and kafka_partition = p_partition order by start_offset limit 1)
+        union all
+        (select start_offset from raw.ingest_ledger
+         where topic = p_topic and kafka_partition = p_partition order by start_offset limit 1)
+    ) starts(s);
+    if v_origin is null then
+        delete from raw.ingest_watermarks where topic = p_topic and kafka_partition = p_partition;
+        return;
+    end if;
+    update raw.ingest_watermarks
+    set origin = v_origin,
+        landed_to = raw.landed_reach(p_topic, p_partition, v_origin),
+        ledger_rows = (select count(*) from raw.ingest_ledger
+                       where topic = p_topic and kafka_partition = p_partition)
+    where topic = p_topic and kafka_partition = p_partition;
+end
+$$;
+
+-- compute_watermark for each (topic, partition) of the arrays, once each, in key order (so that
+-- concurrent callers lock them in the same order).
+create or replace function raw.compute_watermarks(p_topics text[], p_partitions integer[])
+returns void
+language plpgsql
+as $$
+declare
+    part record;
+begin
+    for part in
+        select distinct t, p from unnest(p_topics, p_partitions) parts(t, p) order by t, p
+    loop
+        perform raw.compute_watermark(part.t, part.p);
+    end loop;
+end
+$$;
+
+-- New ledger rows advance the watermark from where it stood, reading only the rows above it, and
+-- only when one of them starts at or below it (a row landed out of order above a gap cannot move
+-- the prefix). Under the watermark row's lock, taken before reading: landings of one partition
+-- take turns anyway (their landing lock), so the lock costs them nothing.
+create or replace function raw.watermarks_after_ledger_insert() returns trigger
+language plpgsql
+as $$
+declare
+    part record;
+    mark record;
+begin
+    for part in
+        select topic, kafka_partition, min(start_offset) as first_start, count(*) as n
+        from added group by topic, kafka_partition order by topic, kafka_partition
+    loop
+        select origin, landed_to into mark from raw.ingest_watermarks
+        where topic = part.topic and kafka_partition = part.kafka_partition for update;
+        if not found or part.first_start < mark.origin then
+            perform raw.compute_watermark(part.topic, part.kafka_partition);
+        elsif part.first_start <= mark.landed_to then
+            update raw.ingest_watermarks
+            set landed_to = raw.landed_reach(part.topic, part.kafka_partition, mark.landed_to),
+                ledger_rows = ledger_rows + part.n
+            where topic = part.topic and kafka_partition = part.kafka_partition;
+        else
+            update raw.ingest_watermarks set ledger_rows = ledger_rows + part.n
+            where topic = part.topic and kafka_partition = part.kafka_partition;
+        end if;
+    end loop;
+    return null;
+end
+$$;
+
+-- New plan rows only matter to a partition planned for the first time (or below its origin).
+create or replace function raw.watermarks_after_plan_insert() returns trigger
+language plpgsql
+as $$
+begin
+    perform raw.compute_watermarks(array_agg(a.topic), array_agg(a.kafka_partition))
+    from (select topic, kafka_partition, min(start_offset) as first_start
+          from added group by topic, kafka_partition) a
+    left join raw.ingest_watermarks w using (topic, kafka_partition)
+    where w.origin is null or a.first_start < w.origin;
+    return null;
+end
+$$;
+
+-- Rows deleted, moved by an update of their coordinates, or truncated: the watermark of each
+-- partition they left is computed again from what remains. orderflow itself never does any.
+create or replace function raw.watermarks_after_removal() returns trigger
+language plpgsql
+as $$
+begin
+    if tg_op = 'TRUNCATE' then
+        perform raw.compute_watermarks(array_agg(topic), array_agg(kafka_partition))
+        from raw.ingest_watermarks;
+    else
+        perform raw.compute_watermarks(array_agg(topic), array_agg(kafka_partition))
+        from removed;
+    end if;
+    return null;
+end
+$$;
+
+create or replace function raw.watermarks_after_move() returns trigger
+language plpgsql
+as $$
+begin
+    perform raw.compute_watermarks(
+        array[old.topic, new.topic], array[old.kafka_partition, new.kafka_partition]
+    );
+    return null;
+end
+$$;
+
+create or replace trigger ingest_ledger_watermarks after insert on raw.ingest_ledger
+    referencing new table as added
+    for each statement execute function raw.watermarks_after_ledger_insert();
+create or replace trigger ingest_plan_watermarks after insert on raw.ingest_plan
+    referencing new table as added
+    for each statement execute function raw.watermarks_after_plan_insert();
+create or replace trigger ingest_ledger_watermarks_delete after delete on raw.ingest_ledger
+    referencing old table as removed
+    for each statement execute function raw.watermarks_after_removal();
+create or replace trigger ingest_plan_watermarks_delete after delete on raw.ingest_plan
+    referencing old table as removed
+    for each statement execute function raw.watermarks_after_removal();
+create or replace trigger ingest_ledger_watermarks_move
+    after update of topic, kafka_partition, start_offset, end_offset on raw.ingest_ledger
+    for each row execute function raw.watermarks_after_move();
+create or replace trigger ingest_plan_watermarks_move
+    after update of topic, kafka_partition, start_offset, end_offset on raw.ingest_plan
+    for each row execute function raw.watermarks_after_move();
+create or replace trigger ingest_ledger_watermarks_truncate after truncate on raw.ingest_ledger
+    for each statement execute function raw.watermarks_after_removal();
+create or replace trigger ingest_plan_watermarks_truncate after truncate on raw.ingest_plan
+    for each statement execute function raw.watermarks_after_removal();
+
+-- A deployment whose plan and ledger predate the watermarks gets them from its whole history,
+-- once: from then on the triggers keep every partition's (they are in place before this runs, and
+-- creating them waited for every writer in flight, so no row escapes both).
+do $$
+begin
+    if not exists (select from raw.ingest_watermarks) then
+        perform raw.compute_watermarks(array_agg(topic), array_agg(kafka_partition))
+        from (select topic, kafka_partition from raw.ingest_plan
+              union
+              select topic, kafka_partition from raw.ingest_ledger) parts;
+    end if;
+end
+$$;
+
+-- Replays that landed rows, per topic: what the dbt sensor reads instead of counting
+-- raw.replay_log. Kept by its insert trigger, backfilled once from the rows already there.
+create table if not exists raw.replay_totals (
+    topic            text        primary key,
+    replays          bigint      not null,
+    last_replayed_at timestamptz
+);
+
+create or replace function raw.replay_totals_after_insert() returns trigger
+language plpgsql
+as $$
+begin
+    insert into raw.replay_totals as t (topic, replays, last_replayed_at)
+    select topic, count(*), max(replayed_at) from added where rows_replayed > 0 group by topic
+    on conflict (topic) do update
+    set replays = t.replays + excluded.replays,
+        last_replayed_at = greatest(t.last_replayed_at, excluded.last_replayed_at);
+    return null;
+end
+$$;
+create or replace trigger replay_log_totals after insert on raw.replay_log
+    referencing new table as added
+    for each statement execute function raw.replay_totals_after_insert();
+
+insert into raw.replay_totals (topic, replays, last_replayed_at)
+select topic, count(*), max(replayed_at) from raw.replay_log
+where rows_replayed > 0 and not exists (select from raw.replay_totals)
+group by topic;
