@@ -258,8 +258,9 @@ def test_the_dead_letter_rate_check_warns_on_a_poison_heavy_range(landed, tmp_pa
             },
         )
     assert result.success  # poison never fails the batch
-    (evaluation,) = result.get_asset_check_evaluations()
-    assert evaluation.check_name == "dead_letter_rate"
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {"dead_letter_rate", "kafka_lag"}
+    evaluation = evaluations["dead_letter_rate"]
     assert evaluation.passed is False and evaluation.severity == AssetCheckSeverity.WARN
     assert evaluation.metadata["dead_letters"].value == len(POISON) + 1
     materialization = result.asset_materializations_for_node("raw_order_events")[0]
