@@ -181,9 +181,9 @@ def kill_dbt_halfway(path: str, env: dict) -> None:
         timeout=600,
     )
     output = killed.stdout + killed.stderr
-    # the step's process killed itself after some of the build's results were reported
-    assert killed.returncode != 0, output[-3000:]
-    assert "terminated by signal 9 (SIGKILL)" in output, output[-3000:]
+    # the run executes in process, so its process killed itself (and dbt) after some of the
+    # build's results were reported
+    assert killed.returncode == -9, output[-3000:]
     assert "ASSET_MATERIALIZATION" in output, output[-3000:]
 
 
