@@ -105,6 +105,7 @@ class Daemon:
     env: dict[str, str]
     log_dir: Path
     ui_port: int
+    storage_dsn: str  # the instance's storage database, to read runs and events from
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
@@ -228,17 +229,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def orchestrated(
-    services: landing_bench.Services,
-    tmp: Path,
-    *,
-    topic: str,
-    dsn: str,
-    extra: dict[str, str],
-    dagster_yaml: Path,
+    services: landing_bench.Services, args: argparse.Namespace, *, topic: str, dsn: str
 ) -> Iterator[Daemon]:
+    """The Dagster processes on a fresh instance (its storage a database of its own, dropped
+    afterwards), every sensor off and the daemon healthy."""
     name = f"dagster_{uuid.uuid4().hex[:8]}"
     storage = services.database(name)
-    home = dagster_home(tmp / "dagster_home", storage, dagster_yaml)
+    tmp = Path(tempfile.mkdtemp(prefix="orchestrated-"))
+    home = dagster_home(tmp / "dagster_home", storage, args.dagster_yaml)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERFLOW_", "DAGSTER_"))} | {
         "DAGSTER_HOME": str(home),
         "ORDERFLOW_KAFKA_BOOTSTRAP_SERVERS": services.bootstrap,
@@ -246,9 +244,9 @@ def orchestrated(
         "ORDERFLOW_TOPIC": topic,
         "ORDERFLOW_CONSUMER_GROUP": f"bench-daemon-{topic}",
         "PYTHONUNBUFFERED": "1",
-        **extra,
+        **args.daemon_env,
     }
-    daemon = Daemon(env, tmp / "logs", free_port())
+    daemon = Daemon(env, tmp / "logs", free_port(), storage)
     try:
         # the webserver first, to stop the sensors before the daemon could tick them: the
         # measurement starts when the landing sensor is switched on, everything already running
@@ -265,6 +263,7 @@ def orchestrated(
         daemon.stop()
         with contextlib.suppress(psycopg.Error):
             services.drop(name)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cli_env(services: landing_bench.Services, topic: str, dsn: str, group: str) -> dict[str, str]:
@@ -383,17 +382,7 @@ def burst(services: landing_bench.Services, args: argparse.Namespace) -> dict:
         # the daemon, every process up and idle, until the landing sensor is switched on; the
         # dbt sensor stays off, so the figure is landing through Dagster alone
         dsn = services.database(f"bench_daemon_{uuid.uuid4().hex[:8]}")
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            orchestrated(
-                services,
-                Path(tmp),
-                topic=topic,
-                dsn=dsn,
-                extra=args.daemon_env,
-                dagster_yaml=args.dagster_yaml,
-            ) as daemon,
-        ):
+        with orchestrated(services, args, topic=topic, dsn=dsn) as daemon:
             services.checkpoint()
             started = time.monotonic()
             daemon.set_sensor(LANDING_SENSOR, running=True)
@@ -409,21 +398,13 @@ def burst(services: landing_bench.Services, args: argparse.Namespace) -> dict:
             out["daemon_first_to_last_landing_s"] = float(first[0])
             out["ranges"] = int(first[1])
             out["largest_range"] = int(first[2])
-            storage = psycopg.conninfo.make_conninfo(services.dsn, dbname=_storage_db(Path(tmp)))
-            out["dagster"] = dagster_counts(storage)
-            out["run_phases"] = run_phases(storage)
+            out["dagster"] = dagster_counts(daemon.storage_dsn)
+            out["run_phases"] = run_phases(daemon.storage_dsn)
         out["ratio"] = out["catch_up_s"] / out["daemon_s"]
         log(f"  daemon: {out['daemon_s']:.1f} s ({out['ranges']} ranges); ratio {out['ratio']:.2f}")
     finally:
         landing_bench.delete_topic(services.bootstrap, topic)
     return out
-
-
-def _storage_db(tmp: Path) -> str:
-    url = yaml.safe_load((tmp / "dagster_home" / "dagster.yaml").read_text())["storage"][
-        "postgres"
-    ]["postgres_url"]
-    return url.rsplit("/", 1)[1]
 
 
 # -- steady -----------------------------------------------------------------------------------
@@ -497,17 +478,7 @@ def steady(services: landing_bench.Services, args: argparse.Namespace, rate: int
     dsn = services.database(f"bench_steady_{uuid.uuid4().hex[:8]}")
     out: dict = {"rate": rate, "seconds": args.steady_seconds}
     try:
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            orchestrated(
-                services,
-                Path(tmp),
-                topic=topic,
-                dsn=dsn,
-                extra=args.daemon_env,
-                dagster_yaml=args.dagster_yaml,
-            ) as daemon,
-        ):
+        with orchestrated(services, args, topic=topic, dsn=dsn) as daemon:
             for sensor in SENSORS:
                 daemon.set_sensor(sensor, running=True)
             log(f"steady: {rate} events/s for {args.steady_seconds} s into {topic}")
@@ -566,9 +537,7 @@ def steady(services: landing_bench.Services, args: argparse.Namespace, rate: int
             to_status = [
                 seen[i] - s.produced_at for i, s in enumerate(producer.samples) if i in seen
             ]
-            counts = dagster_counts(
-                psycopg.conninfo.make_conninfo(services.dsn, dbname=_storage_db(Path(tmp)))
-            )
+            counts = dagster_counts(daemon.storage_dsn)
         hours = args.steady_seconds / 3600
         out |= {
             "produced": producer.produced,

@@ -45,14 +45,20 @@ def max_staleness_seconds() -> int:
     return settings.env_int("ORDERFLOW_MAX_STALENESS_SECONDS", DEFAULT_MAX_STALENESS_SECONDS)
 
 
-def topic_lag(marks: Mapping[int, tuple[int, int]], committed: Mapping[int, int | None]) -> int:
-    """Offsets not committed yet: per partition, the high watermark less the committed offset (the
-    low watermark when nothing is committed, or when retention deleted past the commit)."""
-    total = 0
-    for p, (low, high) in marks.items():
+def partition_lags(
+    marks: Mapping[int, tuple[int, int]], committed: Mapping[int, int | None]
+) -> dict[int, int]:
+    """Offsets not committed yet, per partition: the high watermark less the committed offset
+    (the low watermark when nothing is committed, or when retention deleted past the commit)."""
+    out = {}
+    for p, (low, high) in sorted(marks.items()):
         done = committed.get(p)
-        total += max(0, high - max(low, done if done is not None else low))
-    return total
+        out[p] = max(0, high - max(low, low if done is None else done))
+    return out
+
+
+def topic_lag(marks: Mapping[int, tuple[int, int]], committed: Mapping[int, int | None]) -> int:
+    return sum(partition_lags(marks, committed).values())
 
 
 def kafka_lag_result(
@@ -61,18 +67,19 @@ def kafka_lag_result(
     committed: Mapping[int, int | None],
     max_lag: int,
 ) -> AssetCheckResult:
-    lag = topic_lag(marks, committed)
-    per_partition = {
-        str(p): max(0, high - max(low, committed.get(p) or low))
-        for p, (low, high) in sorted(marks.items())
-    }
+    per_partition = partition_lags(marks, committed)
+    lag = sum(per_partition.values())
     return AssetCheckResult(
         check_name=KAFKA_LAG_CHECK,
         passed=lag <= max_lag,
         severity=AssetCheckSeverity.WARN,
         description=f"{lag} offset(s) of {topic} not landed yet (threshold {max_lag}, "
         "ORDERFLOW_MAX_LAG_EVENTS)",
-        metadata={"lag": lag, "threshold": max_lag, "lag_by_partition": per_partition},
+        metadata={
+            "lag": lag,
+            "threshold": max_lag,
+            "lag_by_partition": {str(p): n for p, n in per_partition.items()},
+        },
     )
 
 
