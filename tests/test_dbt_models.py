@@ -354,6 +354,73 @@ def test_the_incremental_models_read_committed_whatever_the_database_default(
     assert_marts_match_oracle(dbt_dsn, records)
 
 
+def test_an_incremental_build_does_work_linear_in_the_events_it_touches(dbt_dsn: str) -> None:
+    """Each incremental mart statement, run on a slice touching many orders, handles at most a
+    few rows per event of the slice at any plan node: no plan whose work is the product of two
+    slices (a nested loop rescanning a CTE once per touched order, say), whatever Postgres
+    estimates for CTEs it cannot size. The work is read from EXPLAIN ANALYZE: rows times loops
+    per node, a count of rows, not a time."""
+    for batch in scenario(seed=11, n_orders=200):
+        insert_records(dbt_dsn, batch)
+    run_dbt_build(dbt_dsn)
+
+    # a slice of 1,500 new orders, on offsets past the first scenario's
+    slice_records = [
+        {**record, "kafka_offset": record["kafka_offset"] + 1_000_000}
+        for batch in scenario(seed=12, n_orders=1_500)
+        for record in batch
+    ]
+    insert_records(dbt_dsn, slice_records)
+    slice_events = len({record["event_id"] for record in slice_records})
+
+    work: dict[str, float] = {}
+    dbt_run_only(dbt_dsn, ["event_copies"])
+    work["order_events"] = _explained_work(dbt_dsn, "order_events")
+    dbt_run_only(dbt_dsn, ["order_events"])
+    for model in ["order_status", "order_status_history"]:
+        work[model] = _explained_work(dbt_dsn, model)
+
+    bound = 4 * slice_events
+    assert all(rows <= bound for rows in work.values()), (work, bound)
+    # the slice is what the statements read: they touched every event of it
+    assert work["order_status_history"] >= slice_events, (work, slice_events)
+
+
+def _explained_work(dsn: str, model: str) -> float:
+    """The most rows any node of `model`'s compiled (incremental) select handles, over all its
+    loops, from EXPLAIN ANALYZE run in a transaction that is rolled back."""
+    target = DBT_PROJECT_DIR / "target" / "explained_work"
+    args = ["compile", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    done = subprocess.run(
+        [dbt_executable(), *args, "--select", model],
+        cwd=DBT_PROJECT_DIR,
+        env={
+            **os.environ,
+            **dbt_env_from_dsn(dsn),
+            "DBT_TARGET_PATH": str(target),
+            "DBT_LOG_PATH": str(target),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    [compiled] = (target / "compiled").rglob(f"{model}.sql")
+    select = compiled.read_text()
+    assert "touched_orders" in select or "watermark" in select, "compiled as a full refresh"
+
+    def node_work(node: Mapping[str, Any]) -> float:
+        own = float(node["Actual Rows"]) * float(node["Actual Loops"])
+        return max([own, *(node_work(child) for child in node.get("Plans", []))])
+
+    with psycopg.connect(dsn) as conn:
+        [[plan]] = conn.execute(
+            sql.SQL("explain (analyze, format json) {}").format(sql.SQL(select))
+        ).fetchall()
+        conn.rollback()
+    return node_work(plan[0]["Plan"])
+
+
 def dbt_run_only(dsn: str, models: Sequence[str]) -> None:
     """`dbt run` of `models` alone, without their tests or the models after them: what a build
     that failed after them leaves (the tests of order_events expect order_status built too)."""

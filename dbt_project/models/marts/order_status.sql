@@ -30,85 +30,80 @@ with
 -- order_events: the events of the orders to recompute (see the macro)
 {{ touched_order_events() }},
 
-ranked_events as (
+-- one pass of window functions and no join: an incremental run's touched orders are a CTE whose
+-- size Postgres cannot estimate, and a join planned for a handful of them as a nested loop over
+-- CTE scans is quadratic in the orders touched
+order_windows as (
 
     select
         *,
         {{ event_status('event_type') }} as status,
-        row_number() over (
-            partition by order_id
-            order by event_ts_ms desc, event_id desc
-        ) as recency_rank,
-        row_number() over (
-            partition by order_id, event_type
-            order by event_ts_ms, event_id
-        ) as type_rank
+        row_number() over latest_first as recency_rank,
+        count(*) over by_order as event_count,
+        min(event_at) filter (where event_type = 'OrderCreated') over by_order as created_at,
+        min(event_at) filter (where event_type = 'PaymentProcessed') over by_order as paid_at,
+        min(event_at) filter (where event_type = 'ItemShipped') over by_order as shipped_at,
+        min(event_at) filter (where event_type = 'OrderDelivered') over by_order as delivered_at,
+        min(event_at) filter (where event_type = 'OrderCancelled') over by_order as cancelled_at,
+        -- if several distinct OrderCreated events exist, the earliest one describes the order
+        first_value(event_type) over creation_first as creation_event_type,
+        first_value(customer_id) over creation_first as creation_customer_id,
+        first_value(customer_name) over creation_first as creation_customer_name,
+        first_value(customer_segment) over creation_first as creation_customer_segment,
+        first_value(order_total) over creation_first as creation_order_total,
+        first_value(currency) over creation_first as creation_currency,
+        first_value(channel) over creation_first as creation_channel
 
     from order_events
+    window
+        by_order as (partition by order_id),
+        latest_first as (partition by order_id order by event_ts_ms desc, event_id desc),
+        creation_first as (
+            partition by order_id
+            order by event_type = 'OrderCreated' desc, event_ts_ms, event_id
+            rows between unbounded preceding and unbounded following
+        )
 
 ),
 
+-- the order's latest event, carrying the order-wide columns
 latest_events as (
 
-    select * from ranked_events
-    where recency_rank = 1
-
-),
-
--- if several distinct OrderCreated events exist, the earliest one describes the order
-creations as (
-
-    select * from ranked_events
-    where event_type = 'OrderCreated' and type_rank = 1
-
-),
-
--- the first time the order reached each status
-milestones as (
-
     select
-        order_id,
-        count(*) as event_count,
-        min(event_at) filter (where event_type = 'OrderCreated') as created_at,
-        min(event_at) filter (where event_type = 'PaymentProcessed') as paid_at,
-        min(event_at) filter (where event_type = 'ItemShipped') as shipped_at,
-        min(event_at) filter (where event_type = 'OrderDelivered') as delivered_at,
-        min(event_at) filter (where event_type = 'OrderCancelled') as cancelled_at
+        *,
+        creation_event_type = 'OrderCreated' as has_creation
 
-    from order_events
-    group by order_id
+    from order_windows
+    where recency_rank = 1
 
 ),
 
 final as (
 
     select
-        milestones.order_id,
-        latest_events.status,
-        creations.customer_id,
-        creations.customer_name,
-        creations.customer_segment,
-        creations.order_total,
-        creations.currency,
-        creations.channel,
-        milestones.created_at,
-        milestones.paid_at,
-        milestones.shipped_at,
-        milestones.delivered_at,
-        milestones.cancelled_at,
-        latest_events.event_id as last_event_id,
-        latest_events.event_type as last_event_type,
-        latest_events.event_at as last_event_at,
-        latest_events.trace_id as last_trace_id,
-        milestones.event_count,
+        order_id,
+        status,
+        -- null until the order's OrderCreated arrives
+        case when has_creation then creation_customer_id end as customer_id,
+        case when has_creation then creation_customer_name end as customer_name,
+        case when has_creation then creation_customer_segment end as customer_segment,
+        (case when has_creation then creation_order_total end)::numeric(12, 2) as order_total,
+        case when has_creation then creation_currency end as currency,
+        case when has_creation then creation_channel end as channel,
+        created_at,
+        paid_at,
+        shipped_at,
+        delivered_at,
+        cancelled_at,
+        event_id as last_event_id,
+        event_type as last_event_type,
+        event_at as last_event_at,
+        trace_id as last_trace_id,
+        event_count,
         -- when this row was last recomputed; taken after serialize_incremental_runs()'s lock
         statement_timestamp() as updated_at
 
-    from milestones
-    inner join latest_events
-        on milestones.order_id = latest_events.order_id
-    left join creations
-        on milestones.order_id = creations.order_id
+    from latest_events
 
 )
 
