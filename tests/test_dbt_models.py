@@ -389,22 +389,7 @@ def test_an_incremental_build_does_work_linear_in_the_events_it_touches(dbt_dsn:
 def _explained_work(dsn: str, model: str) -> float:
     """The most rows any node of `model`'s compiled (incremental) select handles, over all its
     loops, from EXPLAIN ANALYZE run in a transaction that is rolled back."""
-    target = DBT_PROJECT_DIR / "target" / "explained_work"
-    args = ["compile", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
-    done = subprocess.run(
-        [dbt_executable(), *args, "--select", model],
-        cwd=DBT_PROJECT_DIR,
-        env={
-            **os.environ,
-            **dbt_env_from_dsn(dsn),
-            "DBT_TARGET_PATH": str(target),
-            "DBT_LOG_PATH": str(target),
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
+    target = _dbt(dsn, "compile", [model])
     [compiled] = (target / "compiled").rglob(f"{model}.sql")
     select = compiled.read_text()
     assert "touched_orders" in select or "watermark" in select, "compiled as a full refresh"
@@ -424,8 +409,13 @@ def _explained_work(dsn: str, model: str) -> float:
 def dbt_run_only(dsn: str, models: Sequence[str]) -> None:
     """`dbt run` of `models` alone, without their tests or the models after them: what a build
     that failed after them leaves (the tests of order_events expect order_status built too)."""
-    target = DBT_PROJECT_DIR / "target" / "dbt_run_only"
-    args = ["run", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    _dbt(dsn, "run", models)
+
+
+def _dbt(dsn: str, command: str, models: Sequence[str]) -> Path:
+    """One dbt `command` on `models`, in a target directory of its own, which it returns."""
+    target = DBT_PROJECT_DIR / "target" / f"dbt_{command}_only"
+    args = [command, "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
     done = subprocess.run(
         [dbt_executable(), *args, "--select", *models],
         cwd=DBT_PROJECT_DIR,
@@ -440,6 +430,7 @@ def dbt_run_only(dsn: str, models: Sequence[str]) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:]
+    return target
 
 
 def _wait_for_lock_wait(dsn: str, timeout: float = 120.0) -> None:
