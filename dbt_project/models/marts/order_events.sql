@@ -109,6 +109,9 @@ candidates as (
 
 ),
 
+-- Window functions and per-row subqueries only, no join between CTEs: Postgres cannot size a
+-- CTE, and a join of two it takes for a handful of rows may be planned as a nested loop that
+-- reruns one side per row of the other, quadratic in the events read.
 ranked as (
 
     select
@@ -120,27 +123,13 @@ ranked as (
         ) as copy_rank,
         -- almost always false: only conflicting copies name another order
         min(order_id) over by_event <> max(order_id) over by_event
-        or bool_or(other_order_ids is not null) over by_event as names_other_orders
+        or bool_or(other_order_ids is not null) over by_event as names_other_orders,
+        array_agg(order_id) over by_event as copy_order_ids,
+        array_agg(other_order_ids) filter (where other_order_ids is not null)
+            over by_event as named_order_id_lists
 
     from candidates
     window by_event as (partition by event_id)
-
-),
-
-named_orders as (
-
-    select
-        ranked.event_id,
-        jsonb_agg(distinct named.order_id order by named.order_id) as order_ids
-
-    from ranked
-    cross join lateral (
-        select ranked.order_id
-        union all
-        select jsonb_array_elements_text(ranked.other_order_ids)
-    ) as named (order_id)
-    where ranked.names_other_orders
-    group by ranked.event_id
 
 ),
 
@@ -152,11 +141,22 @@ winners as (
         ranked.kafka_offset,
         ranked.is_stored,
         ranked.other_order_ids as stored_other_order_ids,
-        nullif(named_orders.order_ids - ranked.order_id, '[]') as other_order_ids
+        -- the orders any copy names (the stored row's list stands for the copies before), but
+        -- this one's
+        case when ranked.names_other_orders then (
+            select nullif(
+                jsonb_agg(distinct named.order_id order by named.order_id) - ranked.order_id, '[]'
+            )
+            from (
+                select unnest(ranked.copy_order_ids)
+                union all
+                select listed.order_id
+                from unnest(ranked.named_order_id_lists) as lists (order_ids)
+                cross join lateral jsonb_array_elements_text(lists.order_ids) as listed (order_id)
+            ) as named (order_id)
+        ) end as other_order_ids
 
     from ranked
-    left join named_orders
-        on ranked.event_id = named_orders.event_id
     where ranked.copy_rank = 1
 
 ),
@@ -176,8 +176,8 @@ winning_copies as (
         new_winners.other_order_ids
 
     from new_winners
-    {% if is_incremental() %}
-    -- one primary-key probe per winner, however far apart their landings are
+    -- one primary-key probe per winner, however far apart their landings are, and whatever
+    -- Postgres estimates for new_winners
     cross join lateral (
         select * from {{ ref('stg_order_events') }} as winning_copy
         where winning_copy.topic = new_winners.topic
@@ -185,12 +185,6 @@ winning_copies as (
             and winning_copy.kafka_offset = new_winners.kafka_offset
         offset 0
     ) as stg_order_events
-    {% else %}
-    inner join {{ ref('stg_order_events') }} as stg_order_events
-        on new_winners.topic = stg_order_events.topic
-        and new_winners.kafka_partition = stg_order_events.kafka_partition
-        and new_winners.kafka_offset = stg_order_events.kafka_offset
-    {% endif %}
 
 ),
 
