@@ -8,6 +8,7 @@ inserts raw rows and runs `dbt build` through `run_dbt_build`, as `orderflow cat
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -648,6 +649,48 @@ def test_dagster_materializes_dbt_assets(dbt_dsn: str, monkeypatch: pytest.Monke
         "relationships_order_events_customer_id__customer_id__ref_customers_",
     }
     assert_marts_match_oracle(dbt_dsn, records)
+
+
+@pytest.mark.slow
+def test_dagster_materialization_reports_described_columns_and_lineage(
+    dbt_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build through Dagster records each model's columns (names and types from the database,
+    descriptions from its yml) and which upstream columns each is computed from."""
+    from dagster import AssetKey, materialize
+
+    from orderflow_dagster.transform import (
+        dbt_resource,
+        orderflow_dbt_models,
+        orderflow_dbt_project,
+    )
+
+    insert_records(dbt_dsn, [r for batch in scenario(seed=5, n_orders=3) for r in batch])
+    monkeypatch.setenv("ORDERFLOW_POSTGRES_DSN", dbt_dsn)
+    monkeypatch.delenv("ORDERFLOW_DBT_COLUMN_METADATA", raising=False)
+    for name, value in dbt_env_from_dsn(dbt_dsn).items():
+        monkeypatch.setenv(name, value)
+    result = materialize([orderflow_dbt_models], resources={"dbt": dbt_resource()})
+    assert result.success
+    order_status = AssetKey(["order_status"])
+    [materialization] = [
+        event.materialization
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == order_status
+    ]
+    manifest = json.loads(Path(orderflow_dbt_project.manifest_path).read_text())
+    declared = manifest["nodes"]["model.orderflow.order_status"]["columns"]
+    schema = materialization.metadata["dagster/column_schema"].value
+    assert [(c.name, c.description) for c in schema.columns] == [
+        (name, column["description"]) for name, column in declared.items()
+    ]
+    assert {c.name: c.type for c in schema.columns}["order_total"] == "numeric(12,2)"
+    lineage = materialization.metadata["dagster/column_lineage"].value.deps_by_column
+    order_events = AssetKey(["order_events"])
+    assert (order_events, "customer_name") in {
+        (d.asset_key, d.column_name) for d in lineage["customer_name"]
+    }
+    assert (order_events, "event_type") in {(d.asset_key, d.column_name) for d in lineage["status"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from orderflow_dagster import faults
 from orderflow_dagster.land.session import TRANSACTION_DEFAULTS, libpq_options, with_options
 from orderflow_dagster.pools import DBT_POOL
 from orderflow_dagster.settings import repo_root
+from orderflow_dagster.transform.columns import column_metadata_enabled, with_column_metadata
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
 DSN_ENV_VAR = "ORDERFLOW_POSTGRES_DSN"
@@ -330,8 +331,9 @@ def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) ->
     # also read by this process's own dbt adapter and libpq sessions: the same pins as theirs
     os.environ.update(dbt_session_env(os.environ))
     invocation = dbt.cli(["build", *PIPELINE_EXCLUDE], context=context)
+    events = with_column_metadata(invocation) if column_metadata_enabled() else invocation.stream()
     expected = len(context.selected_output_names) + len(context.selected_asset_check_keys)
-    yield from crash_halfway(invocation.stream(), expected, invocation.process.pid)
+    yield from crash_halfway(events, expected, invocation.process.pid)
 
 
 def crash_halfway(events: Iterable[Any], expected: int, dbt_pid: int) -> Iterator[Any]:
