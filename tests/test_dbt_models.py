@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import psycopg
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
@@ -126,6 +127,19 @@ def test_dagster_assets_keys_groups_and_checks() -> None:
     assert (order_status, "order_status_matches_last_event") in checks
     # the key is a constraint of the model's contract, not a test
     assert (order_status, "unique_order_status_order_id") not in checks
+
+
+def test_assert_rows_equal_ignores_order_but_not_a_cent_or_a_null() -> None:
+    rows = [
+        {"order_id": "b", "order_total": Decimal("1.00"), "paid_at": None},
+        {"order_id": "a", "order_total": Decimal("2.50"), "paid_at": BASE_LANDED_AT},
+    ]
+    assert_rows_equal(rows, list(reversed(rows)), key=["order_id"])
+    for changed in ({"order_total": Decimal("1.01")}, {"paid_at": BASE_LANDED_AT}):
+        with pytest.raises(AssertionError):
+            assert_rows_equal(rows, [rows[0] | changed, rows[1]], key=["order_id"])
+    with pytest.raises(AssertionError):
+        assert_rows_equal(rows, [rows[0] | {"extra": 1}, rows[1]], key=["order_id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,19 +713,17 @@ def test_dagster_materialization_reports_described_columns_and_lineage(
 
 def assert_marts_match_oracle(dsn: str, records: Sequence[Mapping[str, Any]]) -> None:
     columns = ", ".join(ORDER_STATUS_COLUMNS)
-    actual = fetch(dsn, f"select {columns} from {ANALYTICS}.order_status order by order_id")
-    expected = expected_order_status(records, CUSTOMERS)
-    assert len(actual) == len(expected)
-    for actual_row, expected_row in zip(actual, expected, strict=True):
-        assert actual_row == expected_row, actual_row["order_id"]
-
-    columns = ", ".join(ORDER_STATUS_HISTORY_COLUMNS)
-    actual = fetch(
-        dsn,
-        f"select {columns} from {ANALYTICS}.order_status_history"
-        " order by order_id, sequence_number",
+    assert_rows_equal(
+        fetch(dsn, f"select {columns} from {ANALYTICS}.order_status"),
+        expected_order_status(records, CUSTOMERS),
+        key=["order_id"],
     )
-    assert actual == expected_order_status_history(records)
+    columns = ", ".join(ORDER_STATUS_HISTORY_COLUMNS)
+    assert_rows_equal(
+        fetch(dsn, f"select {columns} from {ANALYTICS}.order_status_history"),
+        expected_order_status_history(records),
+        key=["order_id", "sequence_number"],
+    )
 
     winners = {
         event_id: (record["topic"], record["kafka_partition"], record["kafka_offset"])
@@ -733,6 +745,31 @@ def assert_marts_match_oracle(dsn: str, records: Sequence[Mapping[str, Any]]) ->
         )
     }
     assert conflicts == expected_conflicts(records)
+
+
+def assert_rows_equal(
+    actual: Sequence[Mapping[str, Any]],
+    expected: Sequence[Mapping[str, Any]],
+    *,
+    key: Sequence[str],
+) -> None:
+    """The rows equal, as sets of rows with the same columns, value for value as Python compares
+    them (Decimal, datetime, UUID, None), whatever order either came in; a difference is reported
+    as pandas shows it, by column and row, rather than as two long lists of dicts.
+
+    Every column is kept as Python objects (dtype object): no value is converted to a float or a
+    pandas timestamp, so nothing is compared less exactly than `==` would."""
+
+    def frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+        table = pd.DataFrame([dict(row) for row in rows], dtype=object)
+        return table.sort_values(list(key), kind="stable").reset_index(drop=True)
+
+    assert len(actual) == len(expected)
+    if expected:
+        # check_like: column order aside, as dict equality; check_exact: no tolerance anywhere
+        pd.testing.assert_frame_equal(
+            frame(actual), frame(expected), check_like=True, check_exact=True
+        )
 
 
 def snapshot_marts(dsn: str) -> dict[str, list[tuple[Any, ...]]]:

@@ -47,7 +47,12 @@ from orderflow_dagster.pools import DBT_POOL
 from orderflow_dagster.settings import repo_root
 from orderflow_dagster.transform.columns import column_metadata_enabled, with_column_metadata
 
-DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
+PROJECT_DIR_ENV_VAR = "ORDERFLOW_DBT_PROJECT_DIR"
+# the dbt project the assets are defined from and builds run in: this checkout's, or another
+# (a fork with models of its own) named by ORDERFLOW_DBT_PROJECT_DIR, read once at import
+DBT_PROJECT_DIR = Path(
+    os.environ.get(PROJECT_DIR_ENV_VAR) or Path(__file__).resolve().parents[2] / "dbt_project"
+).resolve()
 DSN_ENV_VAR = "ORDERFLOW_POSTGRES_DSN"
 # The asset, defined by the landing code, whose materializations write raw.order_events and, in
 # the same transaction, raw.ingest_ledger.
