@@ -681,7 +681,7 @@ def test_dagster_materialization_reports_described_columns_and_lineage(
 
     insert_records(dbt_dsn, [r for batch in scenario(seed=5, n_orders=3) for r in batch])
     monkeypatch.setenv("ORDERFLOW_POSTGRES_DSN", dbt_dsn)
-    monkeypatch.delenv("ORDERFLOW_DBT_COLUMN_METADATA", raising=False)
+    monkeypatch.setenv("ORDERFLOW_DBT_COLUMN_METADATA", "lineage")
     for name, value in dbt_env_from_dsn(dbt_dsn).items():
         monkeypatch.setenv(name, value)
     result = materialize([orderflow_dbt_models], resources={"dbt": dbt_resource()})

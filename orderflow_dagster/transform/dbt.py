@@ -45,7 +45,7 @@ from orderflow_dagster import faults
 from orderflow_dagster.land.session import TRANSACTION_DEFAULTS, libpq_options, with_options
 from orderflow_dagster.pools import DBT_POOL
 from orderflow_dagster.settings import repo_root
-from orderflow_dagster.transform.columns import column_metadata_enabled, with_column_metadata
+from orderflow_dagster.transform.columns import dbt_build_events
 
 PROJECT_DIR_ENV_VAR = "ORDERFLOW_DBT_PROJECT_DIR"
 # the dbt project the assets are defined from and builds run in: this checkout's, or another
@@ -336,7 +336,7 @@ def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) ->
     # also read by this process's own dbt adapter and libpq sessions: the same pins as theirs
     os.environ.update(dbt_session_env(os.environ))
     invocation = dbt.cli(["build", *PIPELINE_EXCLUDE], context=context)
-    events = with_column_metadata(invocation) if column_metadata_enabled() else invocation.stream()
+    events = dbt_build_events(invocation)
     expected = len(context.selected_output_names) + len(context.selected_asset_check_keys)
     yield from crash_halfway(events, expected, invocation.process.pid)
 
