@@ -23,11 +23,12 @@ from dagster_dbt.core.dbt_event_iterator import DbtEventIterator
 
 COLUMN_METADATA_ENV_VAR = "ORDERFLOW_DBT_COLUMN_METADATA"
 COLUMN_SCHEMA = "dagster/column_schema"
-# off: none; schema: each model's columns, one catalog query a model; lineage: also which
-# upstream columns each is computed from, which sqlglot derives by optimizing the model's
-# compiled SQL once per column: seconds a build, on the freshness path
+# off: nothing at run time (the asset's definition already shows each model's columns with the
+# types and descriptions of its yml); schema: each model's columns as the database has them;
+# lineage: also which upstream columns each is computed from (sqlglot over the compiled SQL).
+# Either adds a catalog query per model and its parents to every build, on the freshness path.
 LEVELS = ("off", "schema", "lineage")
-DEFAULT_LEVEL = "schema"
+DEFAULT_LEVEL = "off"
 
 
 def column_metadata_level() -> str:
