@@ -8,6 +8,7 @@ inserts raw rows and runs `dbt build` through `run_dbt_build`, as `orderflow cat
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -20,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import psycopg
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
@@ -125,6 +127,19 @@ def test_dagster_assets_keys_groups_and_checks() -> None:
     assert (order_status, "order_status_matches_last_event") in checks
     # the key is a constraint of the model's contract, not a test
     assert (order_status, "unique_order_status_order_id") not in checks
+
+
+def test_assert_rows_equal_ignores_order_but_not_a_cent_or_a_null() -> None:
+    rows = [
+        {"order_id": "b", "order_total": Decimal("1.00"), "paid_at": None},
+        {"order_id": "a", "order_total": Decimal("2.50"), "paid_at": BASE_LANDED_AT},
+    ]
+    assert_rows_equal(rows, list(reversed(rows)), key=["order_id"])
+    for changed in ({"order_total": Decimal("1.01")}, {"paid_at": BASE_LANDED_AT}):
+        with pytest.raises(AssertionError):
+            assert_rows_equal(rows, [rows[0] | changed, rows[1]], key=["order_id"])
+    with pytest.raises(AssertionError):
+        assert_rows_equal(rows, [rows[0] | {"extra": 1}, rows[1]], key=["order_id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,25 +714,65 @@ def test_dagster_materializes_dbt_assets(dbt_dsn: str, monkeypatch: pytest.Monke
     assert_marts_match_oracle(dbt_dsn, records)
 
 
+@pytest.mark.slow
+def test_dagster_materialization_reports_described_columns_and_lineage(
+    dbt_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build through Dagster records each model's columns (names and types from the database,
+    descriptions from its yml) and which upstream columns each is computed from."""
+    from dagster import AssetKey, materialize
+
+    from orderflow_dagster.transform import (
+        dbt_resource,
+        orderflow_dbt_models,
+        orderflow_dbt_project,
+    )
+
+    insert_records(dbt_dsn, [r for batch in scenario(seed=5, n_orders=3) for r in batch])
+    monkeypatch.setenv("ORDERFLOW_POSTGRES_DSN", dbt_dsn)
+    monkeypatch.setenv("ORDERFLOW_DBT_COLUMN_METADATA", "lineage")
+    for name, value in dbt_env_from_dsn(dbt_dsn).items():
+        monkeypatch.setenv(name, value)
+    result = materialize([orderflow_dbt_models], resources={"dbt": dbt_resource()})
+    assert result.success
+    order_status = AssetKey(["order_status"])
+    [materialization] = [
+        event.materialization
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == order_status
+    ]
+    manifest = json.loads(Path(orderflow_dbt_project.manifest_path).read_text())
+    declared = manifest["nodes"]["model.orderflow.order_status"]["columns"]
+    schema = materialization.metadata["dagster/column_schema"].value
+    assert [(c.name, c.description) for c in schema.columns] == [
+        (name, column["description"]) for name, column in declared.items()
+    ]
+    assert {c.name: c.type for c in schema.columns}["order_total"] == "numeric(12,2)"
+    lineage = materialization.metadata["dagster/column_lineage"].value.deps_by_column
+    order_events = AssetKey(["order_events"])
+    assert (order_events, "customer_name") in {
+        (d.asset_key, d.column_name) for d in lineage["customer_name"]
+    }
+    assert (order_events, "event_type") in {(d.asset_key, d.column_name) for d in lineage["status"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # checks
 
 
 def assert_marts_match_oracle(dsn: str, records: Sequence[Mapping[str, Any]]) -> None:
     columns = ", ".join(ORDER_STATUS_COLUMNS)
-    actual = fetch(dsn, f"select {columns} from {ANALYTICS}.order_status order by order_id")
-    expected = expected_order_status(records, CUSTOMERS)
-    assert len(actual) == len(expected)
-    for actual_row, expected_row in zip(actual, expected, strict=True):
-        assert actual_row == expected_row, actual_row["order_id"]
-
-    columns = ", ".join(ORDER_STATUS_HISTORY_COLUMNS)
-    actual = fetch(
-        dsn,
-        f"select {columns} from {ANALYTICS}.order_status_history"
-        " order by order_id, sequence_number",
+    assert_rows_equal(
+        fetch(dsn, f"select {columns} from {ANALYTICS}.order_status"),
+        expected_order_status(records, CUSTOMERS),
+        key=["order_id"],
     )
-    assert actual == expected_order_status_history(records)
+    columns = ", ".join(ORDER_STATUS_HISTORY_COLUMNS)
+    assert_rows_equal(
+        fetch(dsn, f"select {columns} from {ANALYTICS}.order_status_history"),
+        expected_order_status_history(records),
+        key=["order_id", "sequence_number"],
+    )
 
     winners = {
         event_id: (record["topic"], record["kafka_partition"], record["kafka_offset"])
@@ -739,6 +794,31 @@ def assert_marts_match_oracle(dsn: str, records: Sequence[Mapping[str, Any]]) ->
         )
     }
     assert conflicts == expected_conflicts(records)
+
+
+def assert_rows_equal(
+    actual: Sequence[Mapping[str, Any]],
+    expected: Sequence[Mapping[str, Any]],
+    *,
+    key: Sequence[str],
+) -> None:
+    """The rows equal, as sets of rows with the same columns, value for value as Python compares
+    them (Decimal, datetime, UUID, None), whatever order either came in; a difference is reported
+    as pandas shows it, by column and row, rather than as two long lists of dicts.
+
+    Every column is kept as Python objects (dtype object): no value is converted to a float or a
+    pandas timestamp, so nothing is compared less exactly than `==` would."""
+
+    def frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+        table = pd.DataFrame([dict(row) for row in rows], dtype=object)
+        return table.sort_values(list(key), kind="stable").reset_index(drop=True)
+
+    assert len(actual) == len(expected)
+    if expected:
+        # check_like: column order aside, as dict equality; check_exact: no tolerance anywhere
+        pd.testing.assert_frame_equal(
+            frame(actual), frame(expected), check_like=True, check_exact=True
+        )
 
 
 def snapshot_marts(dsn: str) -> dict[str, list[tuple[Any, ...]]]:

@@ -45,8 +45,14 @@ from orderflow_dagster import faults
 from orderflow_dagster.land.session import TRANSACTION_DEFAULTS, libpq_options, with_options
 from orderflow_dagster.pools import DBT_POOL
 from orderflow_dagster.settings import repo_root
+from orderflow_dagster.transform.columns import dbt_build_events
 
-DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_project"
+PROJECT_DIR_ENV_VAR = "ORDERFLOW_DBT_PROJECT_DIR"
+# the dbt project the assets are defined from and builds run in: this checkout's, or another
+# (a fork with models of its own) named by ORDERFLOW_DBT_PROJECT_DIR, read once at import
+DBT_PROJECT_DIR = Path(
+    os.environ.get(PROJECT_DIR_ENV_VAR) or Path(__file__).resolve().parents[2] / "dbt_project"
+).resolve()
 DSN_ENV_VAR = "ORDERFLOW_POSTGRES_DSN"
 # The asset, defined by the landing code, whose materializations write raw.order_events and, in
 # the same transaction, raw.ingest_ledger.
@@ -330,8 +336,9 @@ def orderflow_dbt_models(context: AssetExecutionContext, dbt: DbtCliResource) ->
     # also read by this process's own dbt adapter and libpq sessions: the same pins as theirs
     os.environ.update(dbt_session_env(os.environ))
     invocation = dbt.cli(["build", *PIPELINE_EXCLUDE], context=context)
+    events = dbt_build_events(invocation)
     expected = len(context.selected_output_names) + len(context.selected_asset_check_keys)
-    yield from crash_halfway(invocation.stream(), expected, invocation.process.pid)
+    yield from crash_halfway(events, expected, invocation.process.pid)
 
 
 def crash_halfway(events: Iterable[Any], expected: int, dbt_pid: int) -> Iterator[Any]:
