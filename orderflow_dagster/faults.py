@@ -27,6 +27,9 @@ CRASH_POINTS = (
     "in_kafka_commit",
     "after_kafka_commit",
     "in_dbt",
+    "publish_before_send",
+    "publish_mid_transaction",
+    "publish_after_commit",
 )
 
 _ACTIVE = frozenset(filter(None, os.environ.get("ORDERFLOW_CRASH_AT", "").split(",")))
