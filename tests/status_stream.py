@@ -94,3 +94,13 @@ def assert_exact(messages: list[dict], expected: dict[tuple[str, int], tuple]) -
                 ), (before, msg)
             last[msg["sequence_number"]] = msg
     assert fold(messages) == expected
+
+
+def stream_faults(messages: list[dict], expected: dict[tuple[str, int], tuple]) -> tuple[int, int]:
+    """(lost, duplicated) for the fault report: transitions of `expected` the folded stream
+    lacks or gets wrong (and extra ones), and changelog rows published more than once."""
+    folded = fold(messages)
+    lost = sum(1 for key, value in expected.items() if folded.get(key) != value)
+    lost += sum(1 for key in folded if key not in expected)
+    seqs = Counter(m["changelog_seq"] for m in messages)
+    return lost, sum(n - 1 for n in seqs.values())

@@ -75,3 +75,26 @@ def test_published_stream_folds_to_the_history_through_late_events(
         # nothing changed: a further catch-up publishes nothing
         orderflow("catch-up", env=env)
         assert read_stream(kafka_bootstrap, status_topic) == messages
+
+
+def test_late_events_that_renumber_an_order_are_published_as_corrections(
+    kafka_bootstrap, postgres_dsn, tmp_path
+):
+    events_topic, status_topic = fresh_topics(kafka_bootstrap)
+    outgoing = list(generate(20, seed=7, num_partitions=4, poison_rate=0.0, duplicate_rate=0.0))
+    # each order's first event arrives last: every transition after it moves up one number
+    firsts: dict[bytes, object] = {}
+    for msg in outgoing:
+        if msg.event is not None:
+            best = firsts.get(msg.key)
+            if best is None or msg.event["timestamp"] < best.event["timestamp"]:
+                firsts[msg.key] = msg
+    held = {id(m) for m in firsts.values()}
+    env = stream_env(kafka_bootstrap, postgres_dsn, events_topic, status_topic, tmp_path)
+    produce(kafka_bootstrap, events_topic, [m for m in outgoing if id(m) not in held])
+    orderflow("catch-up", env=env)
+    produce(kafka_bootstrap, events_topic, list(firsts.values()))
+    orderflow("catch-up", env=env)
+    messages = read_stream(kafka_bootstrap, status_topic)
+    assert {m["kind"] for m in messages} >= {"transition", "correction"}
+    assert_exact(messages, history(postgres_dsn))

@@ -11,6 +11,7 @@ from orderflow_dagster.publish.producer import DEFAULT_BATCH_SIZE, Published, pu
 
 MAX_LAG_ENV = "ORDERFLOW_MAX_PUBLISH_LAG"
 DEFAULT_MAX_LAG = 10_000
+BATCH_SIZE_ENV = "ORDERFLOW_PUBLISH_BATCH_SIZE"
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ def publish_status_changes(
     *,
     topic: str | None = None,
     transactional_id: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
 ) -> PublishReport:
+    batch_size = batch_size or settings.env_int(BATCH_SIZE_ENV, DEFAULT_BATCH_SIZE)
     topic = topic or settings.status_topic()
     transactional_id = transactional_id or settings.publish_transactional_id()
     conn = session.connect(dsn)
