@@ -24,6 +24,17 @@ ORDER_STATUS_HISTORY_KEY = AssetKey(["order_status_history"])
 PUBLISH_LAG_CHECK = "publish_lag"
 
 
+def lag_check(lag: int, threshold: int) -> AssetCheckResult:
+    """Fails (severity ERROR) when more status changes than `threshold` wait to be published."""
+    return AssetCheckResult(
+        check_name=PUBLISH_LAG_CHECK,
+        passed=lag <= threshold,
+        severity=AssetCheckSeverity.ERROR,
+        description=f"{lag} status changes not published (threshold {threshold})",
+        metadata={"lag": lag, "threshold": threshold},
+    )
+
+
 @asset(
     name="orders_status_topic",
     deps=[ORDER_STATUS_HISTORY_KEY],
@@ -51,13 +62,5 @@ def orders_status_topic(
     )
     return MaterializeResult(
         metadata=report.metadata(),
-        check_results=[
-            AssetCheckResult(
-                check_name=PUBLISH_LAG_CHECK,
-                passed=report.lag <= threshold,
-                severity=AssetCheckSeverity.ERROR,
-                description=f"{report.lag} status changes not published (threshold {threshold})",
-                metadata={"lag": report.lag, "threshold": threshold},
-            )
-        ],
+        check_results=[lag_check(report.lag, threshold)],
     )
