@@ -6,7 +6,8 @@ changelog row of each (order_id, sequence_number), and appends:
 
 - `transition`: a sequence number never recorded before;
 - `correction`: a sequence number whose content changed, or that comes back after a retraction;
-- `retraction`: a sequence number the order no longer has (a late event renumbered it away).
+- `retraction`: a sequence number the order no longer has (a late event renumbered it away, or
+  its event's winning copy moved to another order).
 
 Running it again appends nothing. It holds dbt's incremental lock meanwhile, so it never sees a
 build half-written, and the watermark moves in the same transaction as the rows it covers.
@@ -40,6 +41,8 @@ create table if not exists publish.status_changelog (
 );
 create index if not exists status_changelog_current
     on publish.status_changelog (order_id, sequence_number, changelog_seq desc);
+create index if not exists status_changelog_event
+    on publish.status_changelog (event_id);
 create table if not exists publish.diff_watermark (
     id boolean primary key default true check (id),
     history_updated_at timestamptz not null
@@ -52,9 +55,17 @@ create or replace view publish.status_current as
 
 # {history} and {events}: the dbt marts order_status_history and order_events
 _DIFF = """
-with changed as (
-    select distinct order_id from {history}
+with touched as (
+    select order_id, event_id from {history}
     where updated_at > %(watermark)s
+),
+-- an event whose winning copy moved to another order takes its transitions with it: the order
+-- it left may have no row left to be touched by, so it is found through the event
+changed as (
+    select order_id from touched
+    union
+    select c.order_id from publish.status_changelog c
+    join touched t on t.event_id = c.event_id and t.order_id <> c.order_id
 ),
 history as (
     select h.order_id, h.sequence_number, h.status, h.previous_status, h.event_id,

@@ -31,7 +31,9 @@ from orderflow_dagster.publish.position import published_position
 DEFAULT_BATCH_SIZE = 10_000
 TRANSACTION_TIMEOUT_S = 60.0
 ATTEMPTS = 6
-_FENCED = frozenset({KafkaError._FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
 
 
 @dataclass(frozen=True)
