@@ -9,6 +9,7 @@ import time
 import pytest
 from confluent_kafka import Producer
 
+from orderflow_dagster.faults import PUBLISH_CRASH_POINTS
 from orderflow_dagster.ingest.errors import ProducerFencedError
 from orderflow_dagster.land import session
 from orderflow_dagster.publish import changelog
@@ -19,10 +20,8 @@ from tests.test_publish import fresh_topics, stream_env
 
 pytestmark = pytest.mark.faults
 
-CRASH_POINTS = ("publish_before_send", "publish_mid_transaction", "publish_after_commit")
 
-
-@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("point", PUBLISH_CRASH_POINTS)
 def test_a_publisher_killed_at_any_point_loses_and_repeats_nothing_after_a_rerun(
     kafka_bootstrap, postgres_dsn, tmp_path, fault_report, point
 ):
