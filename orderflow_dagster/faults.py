@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
+# the status publisher's (orderflow_dagster/publish/producer.py)
+PUBLISH_CRASH_POINTS = ("publish_before_send", "publish_mid_transaction", "publish_after_commit")
 CRASH_POINTS = (
     "before_copy",
     "mid_copy",
@@ -27,6 +29,7 @@ CRASH_POINTS = (
     "in_kafka_commit",
     "after_kafka_commit",
     "in_dbt",
+    *PUBLISH_CRASH_POINTS,
 )
 
 _ACTIVE = frozenset(filter(None, os.environ.get("ORDERFLOW_CRASH_AT", "").split(",")))

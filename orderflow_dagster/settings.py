@@ -16,6 +16,8 @@ from pathlib import Path
 DEFAULT_TOPIC = "orders.events"
 DEFAULT_DLQ_TOPIC = "orders.dlq"
 DEFAULT_CONSUMER_GROUP = "orderflow"
+DEFAULT_STATUS_TOPIC = "orders.status"
+DEFAULT_PUBLISH_TRANSACTIONAL_ID = "orderflow-status-publisher"
 DEFAULT_KAFKA_PORT = 9092
 # 5432 is usually taken by a system Postgres; this one is ours.
 DEFAULT_POSTGRES_PORT = 15432
@@ -93,6 +95,24 @@ def topic(env: Mapping[str, str] | None = None) -> str:
 def dlq_topic(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     return env.get("ORDERFLOW_DLQ_TOPIC") or DEFAULT_DLQ_TOPIC
+
+
+def status_topic(env: Mapping[str, str] | None = None) -> str:
+    """The topic order status transitions are published to."""
+    env = os.environ if env is None else env
+    return env.get("ORDERFLOW_STATUS_TOPIC") or DEFAULT_STATUS_TOPIC
+
+
+def publish_transactional_id(env: Mapping[str, str] | None = None) -> str:
+    """The publisher's transactional.id: one per deployment, so a second publisher fences the
+    first instead of writing beside it."""
+    env = os.environ if env is None else env
+    return env.get("ORDERFLOW_PUBLISH_TRANSACTIONAL_ID") or DEFAULT_PUBLISH_TRANSACTIONAL_ID
+
+
+def analytics_schema(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("ORDERFLOW_ANALYTICS_SCHEMA") or "analytics"
 
 
 def consumer_group(env: Mapping[str, str] | None = None) -> str:

@@ -164,6 +164,7 @@ def test_up_status_down_through_the_cli(stack_env: dict[str, str]) -> None:
     topics = admin_client(bootstrap).list_topics(timeout=10).topics
     assert len(topics[cfg.topic].partitions) == 4
     assert len(topics[cfg.dlq_topic].partitions) == 1
+    assert len(topics[cfg.status_topic].partitions) == 4
     with psycopg.connect(dsn) as conn:
         row = conn.execute("select 1, current_database(), current_user").fetchone()
         # the database `orderflow serve` keeps Dagster's storage in, beside the pipeline's

@@ -108,8 +108,9 @@ def kafka_offset_ranges_sensor(
 
 dbt_job = define_asset_job(
     "orderflow_dbt_job",
-    selection=AssetSelection.groups("staging", "marts"),
-    description="dbt build of the staging and mart models, with their tests as asset checks.",
+    selection=AssetSelection.groups("staging", "marts", "publish"),
+    description="dbt build of the staging and mart models, with their tests as asset checks, "
+    "then the publish of order status changes to orders.status.",
 )
 
 

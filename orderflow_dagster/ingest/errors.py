@@ -93,3 +93,8 @@ def from_kafka_error(kafka_error: KafkaError, message: str | None = None) -> Ord
     if code in _UNAVAILABLE_CODES:
         return KafkaUnavailableError(kafka_error, message)
     return OrderflowKafkaError(kafka_error, message)
+
+
+class ProducerFencedError(OrderflowKafkaError):
+    """Raised when a newer producer with the same `transactional.id` fenced this one (a zombie).
+    Not transient: the newer producer publishes; retrying here would fence it back in turn."""

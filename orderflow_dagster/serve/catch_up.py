@@ -35,6 +35,7 @@ class CatchUpReport:
     dead_letters: int = 0
     seconds: float = 0.0
     modelled: bool = False
+    published: int | None = None  # messages published to the status topic
     orders: int | None = None
 
     def lines(self, topic: str) -> list[str]:
@@ -48,6 +49,7 @@ class CatchUpReport:
             f"ranges:       {self.ranges_landed} landed this run, {self.failed} failed",
             f"dbt models:   {'built' if self.modelled else 'not run'}",
             f"orders:       {'-' if self.orders is None else self.orders} in order_status",
+            f"published:    {'-' if self.published is None else self.published} status changes",
             f"took:         {self.seconds:.1f}s",
         ]
 
@@ -116,6 +118,11 @@ def catch_up(
 
         run_dbt_build(postgres.dsn, full_refresh=full_refresh)
         report.modelled = True
+        from orderflow_dagster.publish.run import publish_status_changes
+
+        report.published = publish_status_changes(
+            postgres.dsn, kafka.bootstrap_servers
+        ).published.messages
 
     with postgres.connect() as conn, kafka.consumer() as consumer:
         topic_id = kafka_source.topic_id(consumer, kafka.topic)

@@ -59,6 +59,7 @@ class StackConfig:
     kafka_libs: Path | None = None  # None: home/kafka/libs
     topic: str = settings.DEFAULT_TOPIC
     dlq_topic: str = settings.DEFAULT_DLQ_TOPIC
+    status_topic: str = settings.DEFAULT_STATUS_TOPIC
     topic_partitions: int = DEFAULT_TOPIC_PARTITIONS
 
     def __post_init__(self) -> None:
@@ -83,6 +84,7 @@ class StackConfig:
             kafka_libs=Path(libs).expanduser().resolve() if libs else None,
             topic=settings.topic(env),
             dlq_topic=settings.dlq_topic(env),
+            status_topic=settings.status_topic(env),
             topic_partitions=settings.env_int(
                 "ORDERFLOW_TOPIC_PARTITIONS", DEFAULT_TOPIC_PARTITIONS, env
             ),
@@ -141,7 +143,12 @@ def start(cfg: StackConfig | None = None) -> StackInfo:
 
     ensure_topics(
         kafka.bootstrap_servers,
-        {cfg.topic: cfg.topic_partitions, cfg.dlq_topic: DLQ_PARTITIONS},
+        {
+            cfg.topic: cfg.topic_partitions,
+            cfg.dlq_topic: DLQ_PARTITIONS,
+            # keyed by order like the source, so it gets as many partitions
+            cfg.status_topic: cfg.topic_partitions,
+        },
     )
     return StackInfo(bootstrap_servers=kafka.bootstrap_servers, dsn=postgres.dsn())
 
